@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny tokenizers and VARs built from random weights."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# eval/ holds scripts run from the repository root; make them importable as `eval.*` in tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenizer import VQVAE, VQVAEConfig  # noqa: E402
+from var_mclr.model import VAR, VARConfig  # noqa: E402
+
+TINY_PATCH_NUMS = (1, 2, 3, 4)
+
+
+def tiny_vae(patch_nums=TINY_PATCH_NUMS, vocab_size=64, seed=0) -> VQVAE:
+    torch.manual_seed(seed)
+    # ch_mult of length 3 -> 4x downsampling: 16x16 images for a 4x4 final token map.
+    cfg = VQVAEConfig(vocab_size=vocab_size, z_channels=8, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
+                      v_patch_nums=patch_nums)
+    return VQVAE(cfg).eval()
+
+
+def tiny_var(vae: VQVAE, num_classes=5, depth=2, width=64, heads=4, seed=0, **overrides) -> VAR:
+    torch.manual_seed(seed)
+    cfg = VARConfig(vocab_size=vae.V, Cvae=vae.Cvae, num_classes=num_classes, depth=depth, embed_dim=width,
+                    num_heads=heads, patch_nums=vae.patch_nums, **overrides)
+    var = VAR(cfg, vae_local=vae)
+    var.init_weights(init_adaln=0.5, init_adaln_gamma=0.5, init_head=1.0)  # large gates: non-trivial logits
+    return var.eval()
+
+
+@pytest.fixture
+def vae():
+    return tiny_vae()
+
+
+@pytest.fixture
+def var(vae):
+    return tiny_var(vae)

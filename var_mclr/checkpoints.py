@@ -1,0 +1,160 @@
+"""Checkpoint I/O: the official VAR releases (.pth) in, the project's own safetensors in and out.
+
+Official files are plain state dicts saved with torch.save; they are read with weights_only=True and checked key by
+key, so a wrong file fails with a message naming every missing, unexpected or mis-shaped entry. The project's own
+checkpoints are a ``name.safetensors`` file plus ``name.json`` with the hyperparameters, both written atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizer.model import VQVAE, VQVAEConfig
+from var_mclr.model import VAR, VARConfig
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_DEPTHS = (16, 20, 24, 30)
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain {name: tensor} state dict from a torch.save'd file, refusing arbitrary pickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusal says which global it met; keep it in the message
+        raise CheckpointError(f"{path} is not a plain tensor state dict loadable with weights_only=True: {e}") from e
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):
+        kind = type(obj).__name__
+        raise CheckpointError(f"{path} holds a {kind}, not a state dict of named tensors "
+                              "(official VAR checkpoints are plain state dicts)")
+    return obj
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                     ignore_shape: tuple[str, ...] = ()) -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in sorted(set(state) & set(expected))
+                 if state[k].shape != expected[k].shape and k not in ignore_shape]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            problems.append(f"{len(items)} {title}: " + ", ".join(items))
+    if problems:
+        raise CheckpointError(f"{source} does not match {type(model).__name__}:\n  " + "\n  ".join(problems))
+
+
+def checkpoint_depth(state: dict[str, torch.Tensor]) -> int:
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    return max(blocks) + 1 if blocks else 0
+
+
+def load_official_vae(vae_path: str | os.PathLike, cfg: VQVAEConfig | None = None) -> VQVAE:
+    vae = VQVAE(cfg or VQVAEConfig())
+    state = read_state_dict(vae_path)
+    # The codebook-hit EMA is a training statistic whose first dim depends on the schedule it was trained with.
+    stat = "quantize.ema_vocab_hit_SV"
+    check_state_dict(vae, state, str(vae_path), ignore_shape=(stat,))
+    if stat in state and state[stat].shape != vae.quantize.ema_vocab_hit_SV.shape:
+        state[stat] = vae.quantize.ema_vocab_hit_SV
+    vae.load_state_dict(state, strict=True)
+    return vae.eval().requires_grad_(False)
+
+
+def load_official_var(var_path: str | os.PathLike, depth: int, vae: VQVAE, num_classes: int = 1000,
+                      **overrides) -> VAR:
+    state = read_state_dict(var_path)
+    found = checkpoint_depth(state)
+    if found != depth:
+        raise CheckpointError(f"{var_path} holds a VAR of depth {found} ({found} blocks) but depth={depth} was asked for")
+    cfg = VARConfig.official(depth, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=num_classes,
+                             patch_nums=vae.patch_nums, **overrides)
+    var = VAR(cfg, vae_local=vae)
+    check_state_dict(var, state, str(var_path))
+    var.load_state_dict(state, strict=True)
+    return var
+
+
+def load_official(vae_path: str | os.PathLike, var_path: str | os.PathLike, depth: int,
+                  vae_cfg: VQVAEConfig | None = None, num_classes: int = 1000) -> tuple[VQVAE, VAR]:
+    """The released tokenizer and VAR-d{depth} (official layout: torch.save'd state dicts)."""
+    if depth not in OFFICIAL_DEPTHS:
+        log.warning("depth %d is not one of the released depths %s", depth, OFFICIAL_DEPTHS)
+    vae = load_official_vae(vae_path, vae_cfg)
+    return vae, load_official_var(var_path, depth, vae, num_classes=num_classes)
+
+
+# ---- the project's own checkpoints ------------------------------------------------------------------------
+def atomic_write(path: Path, write) -> None:
+    """Run write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    return path, path.with_suffix(".json")
+
+
+def save_model(model: VQVAE | VAR, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Weights as safetensors, hyperparameters (and any extra provenance) as JSON beside them."""
+    weights, meta = _paths(path)
+    kind = "vqvae" if isinstance(model, VQVAE) else "var"
+    info = {"kind": kind, "config": model.cfg.to_dict(), **(extra or {})}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(weights, lambda tmp: save_file(state, tmp))
+    atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    return weights
+
+
+def read_model_info(path: str | os.PathLike) -> dict:
+    weights, meta = _paths(path)
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint not found: {weights}")
+    if not meta.is_file():
+        raise CheckpointError(f"{weights} has no hyperparameter file {meta.name} beside it")
+    return json.loads(meta.read_text())
+
+
+def load_model(path: str | os.PathLike, vae: VQVAE | None = None) -> VQVAE | VAR:
+    """Rebuild a model saved by save_model; a VAR gets the tokenizer attached for official-style sampling."""
+    weights, _ = _paths(path)
+    info = read_model_info(path)
+    if info.get("kind") == "vqvae":
+        model = VQVAE(VQVAEConfig(**info["config"]))
+    elif info.get("kind") == "var":
+        model = VAR(VARConfig(**info["config"]), vae_local=vae)
+    else:
+        raise CheckpointError(f"{weights}: unknown model kind {info.get('kind')!r}")
+    state = load_file(weights)
+    check_state_dict(model, state, str(weights))
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,285 @@
+"""VAR: visual autoregressive modelling by next-scale prediction (Tian et al., NeurIPS 2024).
+
+An image is a pyramid of token maps r_1..r_S (sides patch_nums). The transformer sees, for every scale s, the
+tokenizer's running reconstruction f_hat_{<s} downsampled to p_s x p_s and predicts all p_s^2 tokens of r_s at
+once. A block-causal mask lets scale s attend to scales <= s, so one teacher-forced pass yields the logits of all
+L = sum p_s^2 tokens, and hence the exact log-likelihood of an image under a class.
+
+The class enters twice: as the start token (class_emb + pos_start) and as the AdaLN condition of every block.
+Index num_classes is the null class used for classifier-free guidance.
+
+Parameter and buffer names and shapes match the official release, so var_d{16,20,24,30}.pth load strictly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VARConfig:
+    vocab_size: int = 4096
+    Cvae: int = 32
+    num_classes: int = 1000
+    depth: int = 16
+    embed_dim: int = 1024
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    patch_nums: tuple[int, ...] = field(default=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+
+    @classmethod
+    def official(cls, depth: int, **overrides) -> "VARConfig":
+        """The released VAR-d{depth}: width 64*depth, depth heads."""
+        return cls(depth=depth, embed_dim=64 * depth, num_heads=depth, **overrides)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class KVCache:
+    """Keys and values of the scales seen so far, for one attention layer during sampling."""
+
+    def __init__(self):
+        self.k_BHLc: torch.Tensor | None = None
+        self.v_BHLc: torch.Tensor | None = None
+
+    def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_BHLc is None:
+            self.k_BHLc, self.v_BHLc = k_BHlc, v_BHlc
+        else:
+            self.k_BHLc = torch.cat((self.k_BHLc, k_BHlc), dim=2)
+            self.v_BHLc = torch.cat((self.v_BHLc, v_BHlc), dim=2)
+        return self.k_BHLc, self.v_BHLc
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, attn_l2_norm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.attn_l2_norm = attn_l2_norm
+        if attn_l2_norm:
+            # Cosine attention with a learnt per-head temperature, capped at 100 (official init: log 4).
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))  # keys carry no bias
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B,H,L,c
+        if self.attn_l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            k = F.normalize(k, dim=-1)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, embed_dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Pre-norm transformer block whose norms are modulated by the class: scale, shift and a residual gate."""
+
+    def __init__(self, embed_dim: int, cond_dim: int, num_heads: int, mlp_ratio: float, norm_eps: float,
+                 shared_aln: bool, attn_l2_norm: bool):
+        super().__init__()
+        self.C = embed_dim
+        self.attn = SelfAttention(embed_dim, num_heads, attn_l2_norm)
+        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
+        self.shared_aln = shared_aln
+        if shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / math.sqrt(embed_dim))
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        if self.shared_aln:
+            ada_B16C = self.ada_gss + cond_BD  # cond_BD is already B,1,6,C from the shared projection
+        else:
+            ada_B16C = self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
+        h = self.ln_wo_grad(x_BLC) * (scale1 + 1) + shift1
+        x_BLC = x_BLC + self.attn(h, attn_bias, kv_cache) * gamma1
+        h = self.ln_wo_grad(x_BLC) * (scale2 + 1) + shift2
+        return x_BLC + self.ffn(h) * gamma2
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, embed_dim: int, cond_dim: int, norm_eps: float):
+        super().__init__()
+        self.C = embed_dim
+        self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * embed_dim))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x_BLC) * (scale + 1) + shift
+
+
+class SharedAdaLin(nn.Linear):
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
+
+
+class VAR(nn.Module):
+    def __init__(self, cfg: VARConfig | None = None, vae_local: nn.Module | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or VARConfig()
+        if overrides:
+            cfg = VARConfig(**{**asdict(cfg), **overrides})
+        cfg.patch_nums = tuple(cfg.patch_nums)
+        if cfg.embed_dim % cfg.num_heads:
+            raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        self.V, self.Cvae, self.num_classes = cfg.vocab_size, cfg.Cvae, cfg.num_classes
+        self.depth, self.C, self.D = cfg.depth, cfg.embed_dim, cfg.embed_dim
+        self.patch_nums = cfg.patch_nums
+        self.L = sum(pn * pn for pn in self.patch_nums)
+        self.first_l = self.patch_nums[0] ** 2
+        self.begin_ends = []
+        start = 0
+        for pn in self.patch_nums:
+            self.begin_ends.append((start, start + pn * pn))
+            start += pn * pn
+        # Kept outside the module tree so the tokenizer's weights never enter VAR's state dict.
+        self.vae_proxy = (vae_local,)
+
+        init_std = math.sqrt(1 / self.C / 3)
+        self.word_embed = nn.Linear(self.Cvae, self.C)
+        self.class_emb = nn.Embedding(self.num_classes + 1, self.C)  # last row: the null class
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
+        self.lvl_embed = nn.Embedding(len(self.patch_nums), self.C)
+        for p in (self.class_emb.weight, self.pos_start, self.pos_1LC, self.lvl_embed.weight):
+            nn.init.trunc_normal_(p, std=init_std)
+
+        self.shared_ada_lin = (nn.Sequential(nn.SiLU(), SharedAdaLin(self.D, 6 * self.C)) if cfg.shared_aln
+                               else nn.Identity())
+        self.blocks = nn.ModuleList([
+            AdaLNSelfAttn(self.C, self.D, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.shared_aln, cfg.attn_l2_norm)
+            for _ in range(cfg.depth)
+        ])
+
+        # Scale index of every token, and the block-causal mask: token i sees token j iff scale(j) <= scale(i).
+        lvl_L = torch.cat([torch.full((pn * pn,), si) for si, pn in enumerate(self.patch_nums)])
+        self.register_buffer("lvl_1L", lvl_L.view(1, self.L))
+        mask_LL = lvl_L.view(-1, 1) >= lvl_L.view(1, -1)
+        self.register_buffer("attn_bias_for_masking",
+                             torch.zeros(self.L, self.L).masked_fill(~mask_LL, -torch.inf).view(1, 1, self.L, self.L))
+
+        self.head_nm = AdaLNBeforeHead(self.C, self.D, cfg.norm_eps)
+        self.head = nn.Linear(self.C, self.V)
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def check_labels(self, label_B: torch.Tensor) -> None:
+        if label_B.ndim != 1 or label_B.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"label_B must be a 1-D integer tensor, got {label_B.dtype} of shape {tuple(label_B.shape)}")
+        if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
+            raise ValueError(f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                             f"got range [{int(label_B.min())}, {int(label_B.max())}]")
+
+    def class_condition(self, label_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond_BD, the per-block AdaLN input): class embedding, shared-projected when shared_aln."""
+        self.check_labels(label_B)
+        cond_BD = self.class_emb(label_B)
+        return cond_BD, self.shared_ada_lin(cond_BD)
+
+    def embed_scale_inputs(self, x_BlCv: torch.Tensor, begin: int, end: int) -> torch.Tensor:
+        """Word embedding of tokenizer features plus level and position embeddings for tokens [begin, end)."""
+        lvl_pos = self.lvl_embed(self.lvl_1L[:, begin:end]) + self.pos_1LC[:, begin:end]
+        return self.word_embed(x_BlCv.float()) + lvl_pos
+
+    def start_tokens(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        lvl_pos = self.lvl_embed(self.lvl_1L[:, :self.first_l]) + self.pos_1LC[:, :self.first_l]
+        return cond_BD.unsqueeze(1) + self.pos_start + lvl_pos
+
+    # ---- teacher forcing ------------------------------------------------------------------------------------
+    def head_hidden(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the AdaLN head norm for all L positions: logits_BLV = self.head(h_BLC)."""
+        B = label_B.shape[0]
+        expected = (B, self.L - self.first_l, self.Cvae)
+        if tuple(x_BLCv_wo_first_l.shape) != expected:
+            raise ValueError(f"teacher-forcing input has shape {tuple(x_BLCv_wo_first_l.shape)}, expected {expected}")
+        cond_BD, block_cond = self.class_condition(label_B)
+        x_BLC = torch.cat((self.start_tokens(cond_BD),
+                           self.embed_scale_inputs(x_BLCv_wo_first_l, self.first_l, self.L)), dim=1)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, block_cond, self.attn_bias_for_masking)
+        return self.head_nm(x_BLC.float(), cond_BD.float()).float()
+
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits_BLV (float32) of every token. No class dropout here: the trainer applies it."""
+        return self.head(self.head_hidden(label_B, x_BLCv_wo_first_l)).float()
+
+    # ---- one scale of KV-cached sampling --------------------------------------------------------------------
+    def forward_scale(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, block_cond: torch.Tensor,
+                      caches: list[KVCache]) -> torch.Tensor:
+        """Logits of scale si given its embedded input; earlier scales come from the caches (no mask needed)."""
+        for block, cache in zip(self.blocks, caches):
+            x_BlC = block(x_BlC, block_cond, None, cache)
+        return self.head(self.head_nm(x_BlC.float(), cond_BD.float())).float()
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(self, B: int, label_B: torch.Tensor | int | None, g_seed: int | None = None,
+                                 cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                                 more_smooth: bool = False) -> torch.Tensor:
+        """Official-compatible sampler: images in [0, 1]. cfg=0 samples guidance-free with a single pass."""
+        from var_mclr.sampling import sample_images_official
+
+        if more_smooth:
+            raise ValueError("more_smooth (Gumbel-softmax visualisation) is not supported; use more_smooth=False")
+        return sample_images_official(self, B, label_B, g_seed, cfg, top_k, top_p)
+
+    # ---- initialisation (official recipe) -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
+                     init_std: float = -1.0) -> None:
+        """Truncated-normal init with small gates, so every block starts near the identity."""
+        std = math.sqrt(1 / self.C / 3) if init_std < 0 else init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        self.head.weight.mul_(init_head)
+        self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.zero_()
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * self.depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * self.depth))
+            if block.shared_aln:
+                block.ada_gss[:, :, 2:].mul_(init_adaln)
+                block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+            else:
+                block.ada_lin[-1].weight[2 * self.C:].mul_(init_adaln)
+                block.ada_lin[-1].weight[:2 * self.C].mul_(init_adaln_gamma)
+                block.ada_lin[-1].bias.zero_()

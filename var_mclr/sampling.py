@@ -1,0 +1,115 @@
+"""KV-cached next-scale sampling, guidance-free or with classifier-free guidance.
+
+guidance="none" runs one transformer pass per scale on the batch; the null class is never evaluated.
+guidance="cfg" stacks the conditional and null-class rows (2B) and mixes logits per scale s (0-based, S scales):
+    z = (1 + t_s) z(x, c) - t_s z(x, null),  t_s = w * s / (S - 1) ("linear", VAR's ramp) or t_s = w ("constant").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from var_mclr.kernels import guided_sample
+from var_mclr.model import VAR, KVCache
+
+SCHEDULES = ("linear", "constant")
+
+
+@dataclass
+class SamplingConfig:
+    guidance: str = "none"  # none | cfg
+    cfg_scale: float = 1.5
+    cfg_schedule: str = "linear"
+    top_k: int = 0
+    top_p: float = 0.0
+
+    def __post_init__(self):
+        if self.guidance not in ("none", "cfg"):
+            raise ValueError(f"guidance must be 'none' or 'cfg', got {self.guidance!r}")
+        if self.cfg_schedule not in SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {SCHEDULES}, got {self.cfg_schedule!r}")
+        if self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
+
+    def guidance_at(self, si: int, num_scales: int) -> float:
+        if self.guidance == "none":
+            return 0.0
+        if self.cfg_schedule == "constant":
+            return self.cfg_scale
+        return self.cfg_scale * si / (num_scales - 1)
+
+
+@dataclass
+class SampleResult:
+    idx_Bl: list[torch.Tensor]  # per-scale token ids (B, p*p)
+    f_hat: torch.Tensor  # the tokenizer's latent reconstruction (B, Cvae, p_S, p_S)
+    logits_cond_BlV: list[torch.Tensor] = field(default_factory=list)  # only when keep_logits
+    logits_null_BlV: list[torch.Tensor] = field(default_factory=list)
+    transformer_rows: int = 0  # rows pushed through the transformer per scale (B or 2B): the CFG cost
+
+
+@torch.no_grad()
+def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfig,
+                  generator: torch.Generator | None = None, keep_logits: bool = False) -> SampleResult:
+    """Sample every scale of a token pyramid for the given classes."""
+    var.check_labels(label_B)
+    if tuple(quantizer.v_patch_nums) != tuple(var.patch_nums):
+        raise ValueError(f"tokenizer patch_nums {quantizer.v_patch_nums} != VAR patch_nums {var.patch_nums}")
+    B, S = label_B.shape[0], len(var.patch_nums)
+    guided = cfg.guidance == "cfg"
+    rows_B = torch.cat((label_B, torch.full_like(label_B, var.num_classes))) if guided else label_B
+    cond_BD, block_cond = var.class_condition(rows_B)
+    caches = [KVCache() for _ in var.blocks]
+    f_hat = cond_BD.new_zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1])
+    x_BlC = var.start_tokens(cond_BD)
+    result = SampleResult(idx_Bl=[], f_hat=f_hat, transformer_rows=rows_B.shape[0])
+
+    for si, pn in enumerate(var.patch_nums):
+        logits_BlV = var.forward_scale(si, x_BlC, cond_BD, block_cond, caches)
+        logits_cond, logits_null = (logits_BlV[:B], logits_BlV[B:]) if guided else (logits_BlV, None)
+        if keep_logits:
+            result.logits_cond_BlV.append(logits_cond.clone())
+            if guided:
+                result.logits_null_BlV.append(logits_null.clone())
+        idx_Bl = guided_sample(logits_cond, logits_null, cfg.guidance_at(si, S), cfg.top_k, cfg.top_p, generator)
+        result.idx_Bl.append(idx_Bl)
+        h_BChw = quantizer.embedding(idx_Bl).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
+        f_hat, next_BChw = quantizer.get_next_autoregressive_input(si, S, f_hat, h_BChw)
+        if si < S - 1:
+            begin, end = var.begin_ends[si + 1]
+            x_BlC = var.embed_scale_inputs(next_BChw.flatten(2).transpose(1, 2), begin, end)
+            if guided:
+                x_BlC = torch.cat((x_BlC, x_BlC))
+    result.f_hat = f_hat
+    return result
+
+
+@torch.no_grad()
+def sample_images(var: VAR, vae, label_B: torch.Tensor, cfg: SamplingConfig,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Images in [-1, 1] (B, 3, H, W) and their token maps."""
+    result = sample_tokens(var, vae.quantize, label_B, cfg, generator)
+    return vae.fhat_to_img(result.f_hat), result.idx_Bl
+
+
+@torch.no_grad()
+def sample_images_official(var: VAR, B: int, label_B, g_seed, cfg_scale: float, top_k: int,
+                           top_p: float) -> torch.Tensor:
+    """VAR.autoregressive_infer_cfg semantics: label None = uniform random classes, int = one class for all
+    (negative = null class), cfg is the linear-ramp scale (0 = no null-class pass), images in [0, 1]."""
+    vae = var.vae_proxy[0]
+    if vae is None:
+        raise ValueError("autoregressive_infer_cfg needs the tokenizer: build VAR(..., vae_local=vae)")
+    device = var.lvl_1L.device
+    generator = None
+    if g_seed is not None:
+        generator = torch.Generator(device=device).manual_seed(g_seed)
+    if label_B is None:
+        label_B = torch.randint(0, var.num_classes, (B,), generator=generator, device=device)
+    elif isinstance(label_B, int):
+        label_B = torch.full((B,), var.num_classes if label_B < 0 else label_B, device=device, dtype=torch.long)
+    guidance = "cfg" if cfg_scale != 0 else "none"
+    sampling = SamplingConfig(guidance=guidance, cfg_scale=cfg_scale, cfg_schedule="linear", top_k=top_k, top_p=top_p)
+    images, _ = sample_images(var, vae, label_B.to(device), sampling, generator)
+    return images.add(1).mul(0.5)
