@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from var_mclr import kernels
+
 
 @dataclass
 class VARConfig:
@@ -235,9 +237,17 @@ class VAR(nn.Module):
             x_BLC = block(x_BLC, block_cond, self.attn_bias_for_masking)
         return self.head_nm(x_BLC.float(), cond_BD.float()).float()
 
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits_BLV (float32) of every token. No class dropout here: the trainer applies it."""
-        return self.head(self.head_hidden(label_B, x_BLCv_wo_first_l)).float()
+    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
+                target_BL: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits_BLV (float32) of every token, or, given target ids, their log-probs logp_BL.
+
+        With targets, the fused kernel computes log p(target) without materialising the B x L x V logits.
+        No class dropout here: the trainer applies it.
+        """
+        h_BLC = self.head_hidden(label_B, x_BLCv_wo_first_l)
+        if target_BL is None:
+            return self.head(h_BLC).float()
+        return kernels.token_logprobs(h_BLC, self.head.weight, self.head.bias, target_BL)
 
     # ---- one scale of KV-cached sampling --------------------------------------------------------------------
     def forward_scale(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, block_cond: torch.Tensor,

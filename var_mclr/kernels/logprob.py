@@ -1,0 +1,218 @@
+"""Per-token log-probabilities through the LM head without holding the full logits.
+
+token_logprobs(h, W, b, target) == log_softmax(h @ W^T + b).gather(target), float32, differentiable w.r.t.
+h, W and b. Three implementations share that contract:
+
+- "naive":   the reference; materialises the N x V logits (and autograd keeps two more N x V buffers).
+- "chunked": a torch.autograd.Function that walks the tokens in row chunks. Forward keeps only the
+             per-token logsumexp; backward recomputes each chunk's logits and accumulates dh, dW, db.
+             Peak extra memory is one chunk of logits instead of ~3 x N x V. Works on any device.
+- "triton":  the same algorithm as fused Triton kernels (var_mclr/kernels/_triton_logprob.py): online
+             logsumexp over vocabulary blocks in the forward, blockwise recompute in the backward.
+
+Ignored rows: a negative target (use IGNORE_INDEX = -100, as torch's cross_entropy does) gives logp 0 and
+contributes no gradient. Targets must otherwise lie in [0, V).
+
+Precision: low-precision inputs (bf16/fp16) are multiplied with float32 accumulation and the softmax is
+always float32. The chunked path upcasts each chunk to float32 (exact products of bf16 values); the Triton
+path feeds bf16 tiles to tl.dot with a float32 accumulator. Gradients are returned in the inputs' dtypes.
+
+Dispatch: impl="auto" picks triton for CUDA tensors (when triton imports) and chunked otherwise. The
+environment variable VAR_MCLR_KERNELS=naive|chunked|triton|auto decides what "auto" means, so a user can
+force the reference path without touching configs; an explicit impl argument always wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMPLS = ("auto", "naive", "chunked", "triton")
+ENV_VAR = "VAR_MCLR_KERNELS"
+
+# Elements of float32 logits per chunk: 2M = 8 MiB, i.e. 512 rows at V = 4096. Large enough that the
+# chunk matmuls run at full speed, small enough to sit far below the naive path's N x V buffers.
+_CHUNK_ELEMS = 2 * 1024 * 1024
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map "auto" (and the env override) to a concrete implementation name."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"{ENV_VAR} must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        return "chunked"
+    return impl
+
+
+def _common_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # Under autocast the head matmul would run in the autocast dtype; mirror that so every impl computes
+    # the same thing the model's nn.Linear would.
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def token_logprobs(
+    h_NC: torch.Tensor,
+    weight_VC: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    target_N: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """log softmax(h @ W^T + b)[target] per token, as float32 with the shape of target.
+
+    h_NC: (..., C); weight_VC: (V, C); bias_V: (V,) or None; target_N: (...) long, negative = ignored.
+    """
+    if h_NC.shape[:-1] != target_N.shape:
+        raise ValueError(f"h {tuple(h_NC.shape)} and target {tuple(target_N.shape)} disagree on leading dims")
+    if weight_VC.dim() != 2 or weight_VC.shape[1] != h_NC.shape[-1]:
+        raise ValueError(f"weight {tuple(weight_VC.shape)} does not match hidden size {h_NC.shape[-1]}")
+    impl = resolve_impl(impl, h_NC.device)
+    out_shape = target_N.shape
+    h2_NC = h_NC.reshape(-1, h_NC.shape[-1])
+    t_N = target_N.reshape(-1).long()
+
+    if impl == "naive":
+        return _naive(h2_NC, weight_VC, bias_V, t_N).reshape(out_shape)
+
+    dtype = _common_dtype(h2_NC, weight_VC)
+    h2_NC, w_VC = h2_NC.to(dtype), weight_VC.to(dtype)
+    with torch.autocast(h2_NC.device.type, enabled=False):
+        if impl == "chunked":
+            logp_N = _ChunkedLogprob.apply(h2_NC, w_VC, bias_V, t_N)
+        else:
+            from var_mclr.kernels import _triton_logprob
+
+            logp_N = _triton_logprob.TritonLogprob.apply(h2_NC, w_VC, bias_V, t_N)
+    return logp_N.reshape(out_shape)
+
+
+def _naive(h_NC, weight_VC, bias_V, t_N):
+    logits_NV = F.linear(h_NC, weight_VC, bias_V).float()
+    valid_N = t_N >= 0
+    logp_N = logits_NV.log_softmax(-1).gather(1, t_N.clamp_min(0)[:, None]).squeeze(1)
+    # torch.where (not multiplication) so ignored rows get exactly zero gradient even if their logits are odd.
+    return torch.where(valid_N, logp_N, torch.zeros_like(logp_N))
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(V, 1))
+
+
+def _lowp_matmuls(h: torch.Tensor) -> bool:
+    """Multiply low-precision inputs as they are (float32 output) instead of upcasting them first.
+
+    Only CUDA has mm(bf16, bf16) -> float32 (tensor cores, float32 accumulation and output). On the CPU a
+    bf16 mm would round its output to bf16, so there the chunk is upcast and multiplied in float32.
+    """
+    return h.device.type == "cuda" and h.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with a float32 result (float32 accumulation)."""
+    if a.device.type == "cuda" and a.dtype != torch.float32:
+        if out is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    if out is None:
+        return torch.mm(a.float(), b.float())
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+class _ChunkedLogprob(torch.autograd.Function):
+    """Row-chunked fused head + log_softmax + gather. Saves h, W, b, target and lse only."""
+
+    @staticmethod
+    def forward(ctx, h_NC, w_VC, b_V, t_N):
+        N, V = h_NC.shape[0], w_VC.shape[0]
+        # Right operand of the logits matmul: W as is (low-precision CUDA) or once upcast to float32.
+        wm_CV = (w_VC if _lowp_matmuls(h_NC) else w_VC.float()).t()
+        b32_V = b_V.float() if b_V is not None else None
+        rows = _chunk_rows(V)
+        lse_N = torch.empty(N, dtype=torch.float32, device=h_NC.device)
+        tgt_N = torch.empty(N, dtype=torch.float32, device=h_NC.device)
+        buf = torch.empty(min(rows, N), V, dtype=torch.float32, device=h_NC.device)
+        tc_N = t_N.clamp_min(0)
+        for i in range(0, N, rows):
+            j = min(i + rows, N)
+            z = _logits_into(buf[: j - i], h_NC[i:j], wm_CV, b32_V)
+            torch.gather(z, 1, tc_N[i:j, None], out=tgt_N[i:j, None])
+            m = z.amax(1, keepdim=True)
+            # In place: the chunk buffer becomes exp(z - max); no second chunk-sized temporary.
+            torch.log(z.sub_(m).exp_().sum(1), out=lse_N[i:j])
+            lse_N[i:j] += m.squeeze(1)
+        del buf
+        valid_N = t_N >= 0
+        logp_N = torch.where(valid_N, tgt_N - lse_N, torch.zeros_like(tgt_N))
+        ctx.save_for_backward(h_NC, w_VC, b_V, t_N, lse_N)
+        ctx.mark_non_differentiable(t_N)
+        return logp_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        h_NC, w_VC, b_V, t_N, lse_N = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, V = h_NC.shape[0], w_VC.shape[0]
+        lowp = _lowp_matmuls(h_NC)
+        wm_VC = w_VC if lowp else w_VC.float()
+        b32_V = b_V.float() if b_V is not None else None
+        g_N = torch.where(t_N >= 0, grad_N.float(), torch.zeros((), device=grad_N.device))
+        tc_N = t_N.clamp_min(0)
+        dh_NC = torch.empty(N, h_NC.shape[1], dtype=torch.float32, device=h_NC.device) if need_h else None
+        dw_VC = torch.zeros(V, h_NC.shape[1], dtype=torch.float32, device=h_NC.device) if need_w else None
+        db_V = torch.zeros(V, dtype=torch.float32, device=h_NC.device) if (need_b and b_V is not None) else None
+        rows = _chunk_rows(V)
+        buf = torch.empty(min(rows, N), V, dtype=torch.float32, device=h_NC.device)
+        for i in range(0, N, rows):
+            j = min(i + rows, N)
+            hm = h_NC[i:j] if lowp else h_NC[i:j].float()
+            g = g_N[i:j]
+            # d logp / d logits = onehot - softmax; scaled by g and built in place in the recomputed buffer.
+            z = _logits_into(buf[: j - i], hm, wm_VC.t(), b32_V)
+            z.sub_(lse_N[i:j, None]).exp_().mul_(-g[:, None])
+            z.scatter_add_(1, tc_N[i:j, None], g[:, None])
+            if db_V is not None:
+                db_V += z.sum(0)
+            # Low precision: the gradient tile is rounded to the input dtype for the tensor-core matmuls
+            # (as in the Triton kernel); float32 accumulation and output either way.
+            zm = z.to(h_NC.dtype) if lowp else z
+            if dh_NC is not None:
+                _mm32(zm, wm_VC, out=dh_NC[i:j])
+            if dw_VC is not None:
+                if lowp:
+                    dw_VC += _mm32(zm.t(), hm)
+                else:
+                    dw_VC.addmm_(zm.t(), hm)
+        dh = dh_NC.to(h_NC.dtype) if dh_NC is not None else None
+        dw = dw_VC.to(w_VC.dtype) if dw_VC is not None else None
+        db = db_V.to(b_V.dtype) if db_V is not None else None
+        return dh, dw, db, None
+
+
+def _logits_into(out_nV, h_nC, wm_CV, b32_V):
+    """out = h @ W^T + b in float32; wm_CV is float32 or (low-precision CUDA) the input dtype."""
+    _mm32(h_nC if _lowp_matmuls(h_nC) else h_nC.float(), wm_CV, out=out_nV)
+    if b32_V is not None:
+        out_nV += b32_V
+    return out_nV

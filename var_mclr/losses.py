@@ -1,0 +1,174 @@
+"""Training objectives as pure functions of log-likelihoods (spec sections 2 and 5).
+
+Every function takes sequence log-likelihoods l(x, c) = log p(x | c) (sums over the L tokens, from
+var_mclr.likelihood) and returns (loss, stats): loss is a differentiable scalar, stats maps names to detached
+0-d tensors (no host sync inside the training step; call .item() when logging).
+
+Scales, where the spec leaves them open:
+  - nll and MCLR are per token (divided by L), so lambda and tau are comparable across patch schedules.
+  - CCA, CC-DPO and unlearning are per sequence, like CCA's code: beta multiplies the sequence-level
+    Delta = l_theta - l_ref, so CCA's published beta (0.02 for VAR at L = 680) keeps its meaning. Their
+    stats are reported per sequence too.
+Reference log-likelihoods (l_ref) are detached here: the reference model is frozen by definition.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Stats = dict[str, torch.Tensor]
+
+
+def _d(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float()
+
+
+def _check_B(name: str, t: torch.Tensor, B: int) -> None:
+    if t.ndim != 1 or t.shape[0] != B:
+        raise ValueError(f"{name} must have shape ({B},), got {tuple(t.shape)}")
+
+
+# ---- maximum likelihood ------------------------------------------------------------------------------------
+def nll_loss(l_pos_B: torch.Tensor, L: int) -> tuple[torch.Tensor, Stats]:
+    """Mean negative log-likelihood per token: -(1/L) mean_b l(x_b, c_b)."""
+    loss = -l_pos_B.mean() / L
+    return loss, {"loss": _d(loss), "nll": _d(loss)}
+
+
+# ---- MCLR --------------------------------------------------------------------------------------------------
+def ratio_cap(r: torch.Tensor, cap: float | None, smooth: bool = False) -> torch.Tensor:
+    """psi(r): min(r, cap), or the smooth cap - softplus(cap - r); identity when cap is None or inf."""
+    if cap is None or math.isinf(cap):
+        return r
+    if smooth:
+        return cap - F.softplus(cap - r)
+    return torch.clamp(r, max=cap)
+
+
+def mclr_loss(l_pos_B: torch.Tensor, l_neg_BK: torch.Tensor, L: int, lam: float, tau: float | None = None,
+              smooth_cap: bool = False, exclude_BK: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
+    """MCLR: (1/L) * [ -l(x, c) - lam * (1/K) sum_k psi(l(x, c) - l(x, c'_k)) ], averaged over the batch.
+
+    psi caps the sequence log-ratio at tau * L (tau per token; None or inf: uncapped, which is unbounded
+    below and collapses in practice). smooth_cap uses psi(r) = tau*L - softplus(tau*L - r) instead; both caps
+    satisfy psi <= tau*L, so the loss is bounded below by -lam * tau. Gradients flow through l_pos and l_neg.
+    exclude_BK (optional, True = drop) removes negatives that are not mismatched (roll collisions, whose ratio
+    is identically 0): their term is zeroed (the 1/K factor is kept) and they leave the statistics.
+
+    Stats: nll (per token), log_ratio (mean Lambda per token over kept negatives), ratio_acc (share of kept
+    negatives with l_pos > l_neg), capped_frac (share of kept ratios at or past the cap tau*L).
+    """
+    if l_neg_BK.ndim != 2:
+        raise ValueError(f"l_neg_BK must be (B, K), got {tuple(l_neg_BK.shape)}")
+    B, K = l_neg_BK.shape
+    _check_B("l_pos_B", l_pos_B, B)
+    if lam < 0:
+        raise ValueError(f"lambda must be >= 0, got {lam}")
+    if tau is not None and tau < 0:
+        raise ValueError(f"tau must be >= 0 (or None for no cap), got {tau}")
+    cap = None if tau is None or math.isinf(tau) else tau * L
+
+    ratio_BK = l_pos_B.unsqueeze(1) - l_neg_BK
+    psi_BK = ratio_cap(ratio_BK, cap, smooth_cap)
+    keep_BK = torch.ones_like(ratio_BK, dtype=torch.bool) if exclude_BK is None else ~exclude_BK.bool()
+    psi_BK = torch.where(keep_BK, psi_BK, torch.zeros_like(psi_BK))
+
+    # Written as nll + ratio term so that lam = 0 reproduces nll_loss bit for bit (value and gradient).
+    loss = -l_pos_B.mean() / L - lam * (psi_BK.sum(dim=1) / K).mean() / L
+
+    with torch.no_grad():
+        kept = keep_BK.float()
+        n_kept = kept.sum().clamp(min=1.0)
+        r = ratio_BK.float()
+        stats = {
+            "loss": _d(loss),
+            "nll": _d(-l_pos_B.mean() / L),
+            "log_ratio": (r * kept).sum() / n_kept / L,
+            "ratio_acc": ((r > 0).float() * kept).sum() / n_kept,
+            "capped_frac": (((r >= cap).float() * kept).sum() / n_kept) if cap is not None
+            else torch.zeros((), device=r.device),
+            "kept_frac": kept.mean(),
+        }
+    return loss, stats
+
+
+# ---- baselines with a frozen reference (CCA paper, arXiv 2410.09347) ---------------------------------------
+def _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B) -> tuple[torch.Tensor, torch.Tensor]:
+    B = l_pos_B.shape[0]
+    for name, t in (("l_pos_B", l_pos_B), ("lref_pos_B", lref_pos_B), ("l_neg_B", l_neg_B),
+                    ("lref_neg_B", lref_neg_B)):
+        _check_B(name, t, B)
+    return l_pos_B - lref_pos_B.detach(), l_neg_B - lref_neg_B.detach()
+
+
+def _pair_stats(loss: torch.Tensor, d_pos_B: torch.Tensor, d_neg_B: torch.Tensor) -> Stats:
+    with torch.no_grad():
+        return {
+            "loss": _d(loss),
+            "delta_pos": _d(d_pos_B.mean()),     # CCA's "chosen reward" (per sequence, before beta)
+            "delta_neg": _d(d_neg_B.mean()),     # "rejected reward"
+            "margin": _d((d_pos_B - d_neg_B).mean()),
+            "pair_acc": _d((d_pos_B > d_neg_B).float().mean()),
+        }
+
+
+def _sign_B(neg_is_pos_mask_B: torch.Tensor | None, d_neg_B: torch.Tensor) -> torch.Tensor:
+    # CCA's rule: a negative that is not a mismatched class (roll collision, or a null-masked sample) is pushed
+    # up like a positive instead of down: the sign of its Delta flips from -1 to +1, its weight stays lambda.
+    if neg_is_pos_mask_B is None:
+        return -torch.ones_like(d_neg_B)
+    _check_B("neg_is_pos_mask_B", neg_is_pos_mask_B, d_neg_B.shape[0])
+    return neg_is_pos_mask_B.to(d_neg_B.dtype) * 2 - 1
+
+
+def cca_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: torch.Tensor, lref_neg_B: torch.Tensor,
+             beta: float, lam_cca: float, neg_is_pos_mask_B: torch.Tensor | None = None,
+             normalize: bool = True) -> tuple[torch.Tensor, Stats]:
+    """Condition Contrastive Alignment, per sequence:
+
+        mean_b[ -log sigmoid(beta * Delta(x, c)) ] + lam_cca * mean_b[ -log sigmoid(s_b * beta * Delta(x, c-)) ]
+
+    with s_b = -1, or +1 where neg_is_pos_mask_B (the negative equals the positive: CCA's roll collisions and
+    its null-masked samples, see likelihood.cca_labels). normalize divides by max(lam_cca, 1), as CCA's code
+    does in its default setting (uncond_ratio > 0), so large lam_cca does not inflate the step size.
+    """
+    d_pos_B, d_neg_B = _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B)
+    sign_B = _sign_B(neg_is_pos_mask_B, d_neg_B)
+    loss = -F.logsigmoid(beta * d_pos_B).mean() - lam_cca * F.logsigmoid(sign_B * beta * d_neg_B).mean()
+    if normalize:
+        loss = loss / max(lam_cca, 1.0)
+    return loss, _pair_stats(loss, d_pos_B, d_neg_B)
+
+
+def cc_dpo_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: torch.Tensor, lref_neg_B: torch.Tensor,
+                beta: float) -> tuple[torch.Tensor, Stats]:
+    """Condition-contrastive DPO, per sequence: mean_b[ -log sigmoid(beta * (Delta(x, c) - Delta(x, c-))) ].
+
+    A pair whose negative equals its positive (roll collision) has margin identically 0: it adds log 2 to the
+    loss and nothing to the gradient, so no collision rule is needed (CCA's code applies none here either).
+    """
+    d_pos_B, d_neg_B = _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B)
+    loss = -F.logsigmoid(beta * (d_pos_B - d_neg_B)).mean()
+    return loss, _pair_stats(loss, d_pos_B, d_neg_B)
+
+
+def unlearning_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: torch.Tensor,
+                    lref_neg_B: torch.Tensor, lam: float, neg_is_pos_mask_B: torch.Tensor | None = None,
+                    normalize: bool = True) -> tuple[torch.Tensor, Stats]:
+    """Likelihood unlearning, per sequence: mean_b[ -Delta(x, c) ] + lam * mean_b[ -s_b * Delta(x, c-) ].
+
+    s_b = -1 (push the mismatched likelihood down), +1 where neg_is_pos_mask_B (same rule as cca_loss);
+    normalize divides by max(lam, 1) like CCA's code. The reference only shifts the value (its gradient is 0);
+    it is kept so the reported loss is comparable with CCA's.
+    """
+    d_pos_B, d_neg_B = _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B)
+    sign_B = _sign_B(neg_is_pos_mask_B, d_neg_B)
+    loss = -d_pos_B.mean() - lam * (sign_B * d_neg_B).mean()
+    if normalize:
+        loss = loss / max(lam, 1.0)
+    return loss, _pair_stats(loss, d_pos_B, d_neg_B)
+
+
+LOSSES = ("nll", "mclr", "cca", "cc_dpo", "unlearning")

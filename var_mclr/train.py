@@ -1,0 +1,209 @@
+"""One training loop for every VAR objective: pretraining (nll), MCLR, CCA, CC-DPO, unlearning.
+
+    accelerate launch var_mclr/train.py --cfg configs/var_d16.yaml [--set train.lr=1e-5 ...]
+    python -m var_mclr.train --cfg configs/mnist/mclr.yaml
+
+Rerunning the same command resumes from the newest checkpoint in run.out_dir. The final weights are written to
+run.out_dir/model.safetensors (+ model.json) for eval/fid.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from var_mclr import kernels
+from var_mclr.builders import build_tokenizer, build_var, frozen_copy
+from var_mclr.checkpoints import save_model
+from var_mclr.config import Config, load_config, save_config
+from var_mclr.data import build_dataset
+from var_mclr.objectives import NEEDS_REFERENCE, objective_loss, plan_classes
+from var_mclr.tokens import TokenStore
+from var_mclr.train_state import checkpoint_dirs, load_training_state, save_training_state
+
+log = logging.getLogger("var_mclr.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """All randomness of one micro-batch, derived from (seed, step): resuming needs no RNG state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+
+
+def batch_indices(seed: int, micro_index: int, global_batch: int, n: int) -> torch.Tensor:
+    """Dataset indices of one global micro-batch: a stream of seeded per-epoch permutations."""
+    positions = torch.arange(micro_index * global_batch, (micro_index + 1) * global_batch)
+    out = torch.empty(global_batch, dtype=torch.long)
+    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+        sel = positions.div(n, rounding_mode="floor") == epoch
+        out[sel] = perm[positions[sel] % n]
+    return out
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+    return factor
+
+
+def make_optimizer(cfg: Config, var: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on gains, biases, embeddings of positions/levels/classes (1-D or table parameters).
+    decay, no_decay = [], []
+    for name, p in var.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "emb" in name or "pos_" in name or "scale_mul" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+def train(cfg: Config) -> Path:
+    """Run (or resume) the configured training; returns the path of the final weights."""
+    t = cfg.train
+    if t.kernels != "auto":  # the kernels read their override from the environment, in every process
+        os.environ[kernels.logprob.ENV_VAR] = t.kernels
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    out_dir = Path(cfg.run.out_dir)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+
+    vae = build_tokenizer(cfg).to(device)
+    var = build_var(cfg, vae).to(device)
+    ref = frozen_copy(var).to(device) if t.objective in NEEDS_REFERENCE else None
+    dataset = build_dataset(_dataset_args(cfg), "train")
+    if dataset.num_classes != cfg.data.num_classes:
+        raise ValueError(f"the dataset has {dataset.num_classes} classes but data.num_classes is {cfg.data.num_classes}")
+    data_key = f"{cfg.data.name}-{cfg.data.resolution}-train"
+    tokens = TokenStore(dataset, vae, device, cache_dir=str(out_dir.parent / "token_cache") if cfg.data.cache_tokens
+                        else None, data_key=data_key, with_flips=cfg.data.hflip)
+    accelerator.wait_for_everyone()
+
+    optimizer = make_optimizer(cfg, var)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    var, optimizer = accelerator.prepare(var, optimizer)
+    model = accelerator.unwrap_model(var)
+
+    start_step, nonfinite_total = 0, 0
+    existing = checkpoint_dirs(out_dir)
+    if existing:
+        state = load_training_state(existing[-1], model, optimizer, scheduler)
+        start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        log.info("resumed from %s at step %d", existing[-1], start_step)
+    elif accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    writer = SummaryWriter(str(out_dir / "tb")) if accelerator.is_main_process else None
+    global_batch = t.batch_size * world
+    nonfinite_in_row = 0
+    last_ckpt = existing[-1] if existing else None
+    progress = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.objective,
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for step in progress:
+        tic = time.perf_counter()
+        var.train()
+        stats_sum: dict[str, float] = {}
+        finite = True
+        for micro in range(t.grad_accum):
+            gen = step_generator(cfg.run.seed, step, micro)
+            idx_G = batch_indices(cfg.run.seed, step * t.grad_accum + micro, global_batch, len(tokens))
+            plan = plan_classes(cfg, tokens.labels_N[idx_G], gen)
+            flip_G = (torch.rand(global_batch, generator=gen) < 0.5) if cfg.data.hflip else None
+            mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
+            idx_BL, x_BLCv = tokens.batch(idx_G[mine], None if flip_G is None else flip_G[mine])
+            sync = accelerator.no_sync(var) if micro < t.grad_accum - 1 else contextlib.nullcontext()
+            with sync, accelerator.autocast():
+                loss, stats = objective_loss(cfg, var, ref, plan.slice(mine), idx_BL, x_BLCv)
+                finite &= bool(accelerator.reduce(torch.isfinite(loss.detach()).float(), "min") > 0)
+                if finite:
+                    accelerator.backward(loss / t.grad_accum)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(accelerator.reduce(v.to(device), "mean")) / t.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(var.parameters(), t.grad_clip) if finite else torch.tensor(math.nan)
+        finite &= bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            optimizer.step()
+            nonfinite_in_row = 0
+        else:
+            nonfinite_total += 1
+            nonfinite_in_row += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in total)",
+                        step, nonfinite_in_row, nonfinite_total)
+            if nonfinite_in_row >= t.max_nonfinite_in_row:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_row} non-finite steps in a row at step {step}; stopping. The last good "
+                    f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; lower train.lr or check "
+                    f"the objective's settings")
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        dt = time.perf_counter() - tic
+        if writer is not None and (step % cfg.run.log_every == 0 or step == t.steps - 1):
+            scalars = {**stats_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_s": global_batch * t.grad_accum * model.L / dt, "nonfinite_total": nonfinite_total}
+            for k, v in scalars.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            progress.set_postfix({k: f"{stats_sum[k]:.4f}" for k in list(stats_sum)[:4]})
+            log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
+        done = step + 1
+        if done % cfg.run.ckpt_every == 0 or done == t.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                last_ckpt = save_training_state(out_dir, done, model, optimizer, scheduler,
+                                                {"nonfinite_total": nonfinite_total, "config": cfg.to_dict()},
+                                                keep=cfg.run.keep_ckpts)
+    accelerator.wait_for_everyone()
+    final = out_dir / "model.safetensors"
+    if accelerator.is_main_process:
+        save_model(model, final, extra={"objective": t.objective, "steps": t.steps, "source_config": cfg.to_dict()})
+        writer.close()
+    accelerator.end_training()
+    return final
+
+
+def _dataset_args(cfg: Config) -> dict:
+    d = cfg.data
+    args = {"name": d.name, "resolution": d.resolution, "num_classes": d.num_classes}
+    if d.name == "imagefolder":
+        args["root"] = d.root
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="YAML config (may name a parent with `base:`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-5")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    cfg = load_config(args.cfg, args.set)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
