@@ -32,7 +32,10 @@ def main():
     ap.add_argument("--t", type=float, default=1.5)
     ap.add_argument("--top_k", type=int, default=900)
     ap.add_argument("--top_p", type=float, default=0.96)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     fused = "triton" if device.type == "cuda" else "torch"
     impls = ["naive", fused] + (["torch"] if device.type == "cuda" else [])

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 
 CNN_FORMAT = "var-mclr/mnist-cnn/v1"  # bump when the architecture or recipe changes, so stale caches retrain
-CNN_RES = 32
+CNN_RES = 32  # the network's input size; images of other sizes are resized to it
 
 
 class MnistCNN(nn.Module):
@@ -102,9 +102,13 @@ def evaluate_accuracy(model: nn.Module, x_N3HW: torch.Tensor, labels_N: torch.Te
     return correct / len(labels_N)
 
 
-def train_mnist_classifier(seed: int = 0, epochs: int = 8, batch_size: int = 64, lr: float = 3e-3
-                           ) -> tuple[MnistCNN, float]:
+def train_mnist_classifier(seed: int = 0, resolution: int = 32, epochs: int = 8, batch_size: int = 64,
+                           lr: float = 3e-3) -> tuple[MnistCNN, float]:
     """Train on the embedded MNIST train split only; return the model (eval mode) and its held-out accuracy.
+
+    `resolution` is the data resolution (the demo's): the digits are loaded at it and resized to the network's
+    32 x 32 input, so the classifier sees the same resampling blur as generated images at that resolution
+    (a 32-px-trained classifier drops from 98 % to 93 % on real 16-px digits).
 
     Runs single-threaded: these small convolutions gain little from a second thread, and OpenMP's spin-waiting makes
     multi-threaded training ~10x slower when the cores are shared (measured on a busy 2-core machine: 2 epochs took
@@ -113,14 +117,16 @@ def train_mnist_classifier(seed: int = 0, epochs: int = 8, batch_size: int = 64,
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_mnist_classifier(seed, epochs, batch_size, lr)
+        return _train_mnist_classifier(seed, resolution, epochs, batch_size, lr)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _train_mnist_classifier(seed: int, epochs: int, batch_size: int, lr: float) -> tuple[MnistCNN, float]:
-    train, heldout = mnist_dataset("train", CNN_RES), mnist_dataset("val", CNN_RES)
+def _train_mnist_classifier(seed: int, resolution: int, epochs: int, batch_size: int, lr: float
+                            ) -> tuple[MnistCNN, float]:
+    train, heldout = mnist_dataset("train", resolution), mnist_dataset("val", resolution)
     x_N3HW, y_N = train.tensors
+    max_shift = max(1, round(2 * resolution / 32))  # +-2 px at 32 px, scaled with the resolution
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's global RNG
         torch.manual_seed(seed)
@@ -134,7 +140,7 @@ def _train_mnist_classifier(seed: int, epochs: int, batch_size: int, lr: float) 
         perm = torch.randperm(len(y_N), generator=g)
         for s in range(0, len(y_N), batch_size):
             idx = perm[s:s + batch_size]
-            loss = F.cross_entropy(model.logits(_shift_augment(x_N3HW[idx], g)), y_N[idx])
+            loss = F.cross_entropy(model.logits(_shift_augment(x_N3HW[idx], g, max_shift)), y_N[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -161,28 +167,29 @@ def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metada
         raise
 
 
-def load_or_train_mnist_classifier(cache_path: str, seed: int = 0) -> tuple[MnistCNN, float]:
-    """The eval classifier for the embedded dataset: loaded from `cache_path` or trained once and cached there.
+def load_or_train_mnist_classifier(cache_path: str, seed: int = 0, resolution: int = 32) -> tuple[MnistCNN, float]:
+    """The eval classifier for the embedded dataset at `resolution`: loaded from `cache_path` or trained once there.
 
-    Returns (model in eval mode, held-out accuracy). The cache records the format version and seed; a mismatch or
-    an unreadable file means retraining (logged), never silently using a different network.
+    Returns (model in eval mode, held-out accuracy at that resolution). The cache records the format version, seed
+    and resolution; a mismatch or an unreadable file means retraining (logged), never silently using another network.
     """
+    want = {"format": CNN_FORMAT, "seed": str(seed), "resolution": str(resolution)}
     if os.path.isfile(cache_path):
         try:
             with safe_open(cache_path, framework="pt") as f:
                 meta = f.metadata() or {}
-            if meta.get("format") == CNN_FORMAT and meta.get("seed") == str(seed):
+            if all(meta.get(k) == v for k, v in want.items()):
                 model = MnistCNN(num_classes=int(meta["num_classes"]))
                 model.load_state_dict(load_file(cache_path))
                 model.eval()
                 return model, float(meta["heldout_acc"])
-            log.warning("classifier cache %s is for %s seed %s, not %s seed %d: retraining", cache_path,
-                        meta.get("format"), meta.get("seed"), CNN_FORMAT, seed)
+            log.warning("classifier cache %s is for %s, not %s: retraining", cache_path,
+                        {k: meta.get(k) for k in want}, want)
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
             log.warning("classifier cache %s unreadable (%s): retraining", cache_path, e)
-    model, acc = train_mnist_classifier(seed=seed)
-    _atomic_save_safetensors(model.state_dict(), cache_path, {
-        "format": CNN_FORMAT, "seed": str(seed), "num_classes": str(model.num_classes), "heldout_acc": repr(acc)})
+    model, acc = train_mnist_classifier(seed=seed, resolution=resolution)
+    _atomic_save_safetensors(model.state_dict(), cache_path,
+                             {**want, "num_classes": str(model.num_classes), "heldout_acc": repr(acc)})
     return model, acc
 
 

@@ -87,14 +87,9 @@ def test_float32_matches_naive(impl, shape, small_chunks):
     _assert_close(_run(impl, *prob), _run("naive", *prob), rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", FUSED + ["chunked-lowp"])
+@pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("shape", [(37, 40, 70), (9, 16, 4096)], ids=lambda s: "x".join(map(str, s)))
-def test_bfloat16_inputs_float32_accumulation(impl, shape, small_chunks, monkeypatch):
-    if impl == "chunked-lowp":
-        # The CUDA branch of the chunked path (bf16 matmuls, float32 out; gradient tile rounded to bf16),
-        # run here with float32 emulation of mm(bf16, bf16) -> float32.
-        monkeypatch.setattr(lp, "_lowp_matmuls", lambda h: h.dtype == torch.bfloat16)
-        impl = "chunked"
+def test_bfloat16_inputs_float32_accumulation(impl, shape, small_chunks):
     prob = _problem(*shape, dtype=torch.bfloat16, n_ignored=3)
     got = _run(impl, *prob)
     assert got[0].dtype == torch.float32

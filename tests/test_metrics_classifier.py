@@ -80,17 +80,19 @@ def test_stale_cache_is_retrained_not_used(tmp_path, monkeypatch):
     p = str(tmp_path / "c.safetensors")
     save_file(MnistCNN().state_dict(), p, metadata={"format": "something-else", "seed": "0"})
     calls = []
-    monkeypatch.setattr(clf, "train_mnist_classifier", lambda seed: (calls.append(seed), (MnistCNN(), 0.5))[1])
+    monkeypatch.setattr(clf, "train_mnist_classifier",
+                        lambda seed, resolution: (calls.append((seed, resolution)), (MnistCNN(), 0.5))[1])
     _, acc = load_or_train_mnist_classifier(p, seed=0)
-    assert calls == [0] and acc == 0.5
+    assert calls == [(0, 32)] and acc == 0.5
     _, acc = load_or_train_mnist_classifier(p, seed=0)  # now cached in the current format
-    assert calls == [0] and acc == 0.5
-    _, acc = load_or_train_mnist_classifier(p, seed=1)  # another seed is another classifier
-    assert calls == [0, 1]
+    assert calls == [(0, 32)] and acc == 0.5
+    load_or_train_mnist_classifier(p, seed=1)  # another seed is another classifier
+    load_or_train_mnist_classifier(p, seed=1, resolution=16)  # and so is another data resolution
+    assert calls == [(0, 32), (1, 32), (1, 16)]
     with open(p, "wb") as f:
         f.write(b"truncated garbage")
-    _, acc = load_or_train_mnist_classifier(p, seed=1)  # unreadable cache: retrain, do not crash
-    assert calls == [0, 1, 1]
+    load_or_train_mnist_classifier(p, seed=1, resolution=16)  # unreadable cache: retrain, do not crash
+    assert calls == [(0, 32), (1, 32), (1, 16), (1, 16)]
 
 
 # ---------------------------------------------------------------------------------------------- Inception

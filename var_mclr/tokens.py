@@ -86,15 +86,23 @@ class TokenStore:
             tensors["idx_flip"] = self.idx_flip_NL.to(torch.int32)
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
-    def batch(self, indices: torch.Tensor, flip_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, L) and the teacher-forcing input (B, L - first_l, Cvae) for these dataset items."""
-        if self.idx_NL is not None:
+    @property
+    def cached(self) -> bool:
+        return self.idx_NL is not None
+
+    def batch(self, indices: torch.Tensor, flip_B: torch.Tensor | None = None,
+              images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, L) and the teacher-forcing input (B, L - first_l, Cvae) for these dataset items.
+
+        Without a cache, `images` (the items already loaded, e.g. by a DataLoader) are encoded on the fly.
+        """
+        if self.cached:
             idx_BL = self.idx_NL[indices]
             if flip_B is not None and self.idx_flip_NL is not None:
                 idx_BL = torch.where(flip_B.view(-1, 1), self.idx_flip_NL[indices], idx_BL)
             idx_BL = idx_BL.to(self.device)
         else:
-            img = self._images(indices)
+            img = self._images(indices) if images is None else images
             if flip_B is not None:
                 img = torch.where(flip_B.view(-1, 1, 1, 1), img.flip(-1), img)
             idx_BL = self._encode(img)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -52,6 +55,22 @@ def batch_indices(seed: int, micro_index: int, global_batch: int, n: int) -> tor
         sel = positions.div(n, rounding_mode="floor") == epoch
         out[sel] = perm[positions[sel] % n]
     return out
+
+
+class RankBatchSampler(Sampler):
+    """This process's share of every global micro-batch from micro-step `start` on (for DataLoader workers)."""
+
+    def __init__(self, seed: int, global_batch: int, n: int, rank: int, batch_size: int, start: int, stop: int):
+        self.seed, self.global_batch, self.n = seed, global_batch, n
+        self.mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        for micro_index in range(self.start, self.stop):
+            yield batch_indices(self.seed, micro_index, self.global_batch, self.n)[self.mine].tolist()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 def lr_lambda(cfg: Config):
@@ -89,6 +108,7 @@ def train(cfg: Config) -> Path:
     out_dir = Path(cfg.run.out_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
 
+    set_seed(cfg.run.seed)  # the same fresh initialisation on every process and every rerun
     vae = build_tokenizer(cfg).to(device)
     var = build_var(cfg, vae).to(device)
     ref = frozen_copy(var).to(device) if t.objective in NEEDS_REFERENCE else None
@@ -111,10 +131,18 @@ def train(cfg: Config) -> Path:
         state = load_training_state(existing[-1], model, optimizer, scheduler)
         start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         log.info("resumed from %s at step %d", existing[-1], start_step)
+        if accelerator.is_main_process:
+            _truncate_metrics(out_dir / "metrics.jsonl", start_step)
     elif accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
 
+    images = None
+    if not tokens.cached:  # decode and encode images on the fly, DataLoader workers reading ahead
+        sampler = RankBatchSampler(cfg.run.seed, t.batch_size * world, len(tokens), rank, t.batch_size,
+                                   start_step * t.grad_accum, t.steps * t.grad_accum)
+        images = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                                 pin_memory=device.type == "cuda"))
     writer = SummaryWriter(str(out_dir / "tb")) if accelerator.is_main_process else None
     global_batch = t.batch_size * world
     nonfinite_in_row = 0
@@ -132,7 +160,8 @@ def train(cfg: Config) -> Path:
             plan = plan_classes(cfg, tokens.labels_N[idx_G], gen)
             flip_G = (torch.rand(global_batch, generator=gen) < 0.5) if cfg.data.hflip else None
             mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
-            idx_BL, x_BLCv = tokens.batch(idx_G[mine], None if flip_G is None else flip_G[mine])
+            idx_BL, x_BLCv = tokens.batch(idx_G[mine], None if flip_G is None else flip_G[mine],
+                                          None if images is None else next(images)[0])
             sync = accelerator.no_sync(var) if micro < t.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 loss, stats = objective_loss(cfg, var, ref, plan.slice(mine), idx_BL, x_BLCv)
@@ -165,6 +194,8 @@ def train(cfg: Config) -> Path:
                        "tokens_per_s": global_batch * t.grad_accum * model.L / dt, "nonfinite_total": nonfinite_total}
             for k, v in scalars.items():
                 writer.add_scalar(f"train/{k}", v, step)
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
             progress.set_postfix({k: f"{stats_sum[k]:.4f}" for k in list(stats_sum)[:4]})
             log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
         done = step + 1
@@ -181,6 +212,13 @@ def train(cfg: Config) -> Path:
         writer.close()
     accelerator.end_training()
     return final
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Drop log lines of steps that a resumed run will redo."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start_step]
+        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def _dataset_args(cfg: Config) -> dict:

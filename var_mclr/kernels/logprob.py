@@ -13,9 +13,11 @@ h, W and b. Three implementations share that contract:
 Ignored rows: a negative target (use IGNORE_INDEX = -100, as torch's cross_entropy does) gives logp 0 and
 contributes no gradient. Targets must otherwise lie in [0, V).
 
-Precision: low-precision inputs (bf16/fp16) are multiplied with float32 accumulation and the softmax is
-always float32. The chunked path upcasts each chunk to float32 (exact products of bf16 values); the Triton
-path feeds bf16 tiles to tl.dot with a float32 accumulator. Gradients are returned in the inputs' dtypes.
+Precision: low-precision inputs (bf16/fp16) are multiplied in their dtype with float32 accumulation, and the
+softmax and all reductions are float32. Triton keeps the float32 logits tile in registers; the chunked path
+gets float32 logits on CUDA (mm out_dtype) and, on the CPU, logits rounded to bf16 like nn.Linear's (the
+only bf16 matmul the CPU offers; upcasting instead would cost 4x the time). The gradient tile is rounded to
+the input dtype before the dh/dW matmuls. Gradients are returned in the inputs' dtypes.
 
 Dispatch: impl="auto" picks triton for CUDA tensors (when triton imports) and chunked otherwise. The
 environment variable VAR_MCLR_KERNELS=naive|chunked|triton|auto decides what "auto" means, so a user can
@@ -120,34 +122,50 @@ def _chunk_rows(V: int) -> int:
     return max(1, _CHUNK_ELEMS // max(V, 1))
 
 
-def _lowp_matmuls(h: torch.Tensor) -> bool:
-    """Multiply low-precision inputs as they are (float32 output) instead of upcasting them first.
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b as float32, multiplied in the inputs' dtype (both share one).
 
-    Only CUDA has mm(bf16, bf16) -> float32 (tensor cores, float32 accumulation and output). On the CPU a
-    bf16 mm would round its output to bf16, so there the chunk is upcast and multiplied in float32.
+    Low precision (bf16/fp16) keeps the fast matmul units and accumulates in float32: CUDA returns the float32
+    result (mm out_dtype); the CPU only offers a result rounded to the input dtype (what nn.Linear in bf16
+    gives too), widened here.
     """
-    return h.device.type == "cuda" and h.dtype in (torch.bfloat16, torch.float16)
-
-
-def _mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b with a float32 result (float32 accumulation)."""
-    if a.device.type == "cuda" and a.dtype != torch.float32:
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.device.type == "cuda":
         if out is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    if out is None:
-        return torch.mm(a.float(), b.float())
-    return torch.mm(a.float(), b.float(), out=out)
+    r = torch.mm(a, b)
+    return out.copy_(r) if out is not None else r.float()
+
+
+def _accumulate_mm_(acc_f32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32; a and b share a dtype."""
+    if a.dtype == torch.float32:
+        acc_f32.addmm_(a, b)
+    elif a.device.type == "cuda":
+        acc_f32 += torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        acc_f32 += torch.mm(a, b)  # bf16 product, widened inside the add (no float32 temporary)
+
+
+def _logits_into(out_nV, h_nC, w_VC, b32_V):
+    """out = h @ W^T + b as float32."""
+    _mm_f32(h_nC, w_VC.t(), out=out_nV)
+    if b32_V is not None:
+        out_nV += b32_V
+    return out_nV
 
 
 class _ChunkedLogprob(torch.autograd.Function):
-    """Row-chunked fused head + log_softmax + gather. Saves h, W, b, target and lse only."""
+    """Row-chunked fused head + log_softmax + gather. Saves h, W, b, target and lse only.
+
+    h and W share a dtype. Softmax statistics, grad_logits and the dW/db accumulators are float32.
+    """
 
     @staticmethod
     def forward(ctx, h_NC, w_VC, b_V, t_N):
         N, V = h_NC.shape[0], w_VC.shape[0]
-        # Right operand of the logits matmul: W as is (low-precision CUDA) or once upcast to float32.
-        wm_CV = (w_VC if _lowp_matmuls(h_NC) else w_VC.float()).t()
         b32_V = b_V.float() if b_V is not None else None
         rows = _chunk_rows(V)
         lse_N = torch.empty(N, dtype=torch.float32, device=h_NC.device)
@@ -156,7 +174,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         tc_N = t_N.clamp_min(0)
         for i in range(0, N, rows):
             j = min(i + rows, N)
-            z = _logits_into(buf[: j - i], h_NC[i:j], wm_CV, b32_V)
+            z = _logits_into(buf[: j - i], h_NC[i:j], w_VC, b32_V)
             torch.gather(z, 1, tc_N[i:j, None], out=tgt_N[i:j, None])
             m = z.amax(1, keepdim=True)
             # In place: the chunk buffer becomes exp(z - max); no second chunk-sized temporary.
@@ -174,45 +192,33 @@ class _ChunkedLogprob(torch.autograd.Function):
         h_NC, w_VC, b_V, t_N, lse_N = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N, V = h_NC.shape[0], w_VC.shape[0]
-        lowp = _lowp_matmuls(h_NC)
-        wm_VC = w_VC if lowp else w_VC.float()
+        lowp = h_NC.dtype != torch.float32
         b32_V = b_V.float() if b_V is not None else None
         g_N = torch.where(t_N >= 0, grad_N.float(), torch.zeros((), device=grad_N.device))
         tc_N = t_N.clamp_min(0)
-        dh_NC = torch.empty(N, h_NC.shape[1], dtype=torch.float32, device=h_NC.device) if need_h else None
+        # Each dh row is written once, so it can be produced in h's dtype directly; dW and db accumulate
+        # over chunks and stay float32 until the end.
+        dh_NC = torch.empty_like(h_NC) if need_h else None
         dw_VC = torch.zeros(V, h_NC.shape[1], dtype=torch.float32, device=h_NC.device) if need_w else None
         db_V = torch.zeros(V, dtype=torch.float32, device=h_NC.device) if (need_b and b_V is not None) else None
         rows = _chunk_rows(V)
         buf = torch.empty(min(rows, N), V, dtype=torch.float32, device=h_NC.device)
         for i in range(0, N, rows):
             j = min(i + rows, N)
-            hm = h_NC[i:j] if lowp else h_NC[i:j].float()
             g = g_N[i:j]
             # d logp / d logits = onehot - softmax; scaled by g and built in place in the recomputed buffer.
-            z = _logits_into(buf[: j - i], hm, wm_VC.t(), b32_V)
+            z = _logits_into(buf[: j - i], h_NC[i:j], w_VC, b32_V)
             z.sub_(lse_N[i:j, None]).exp_().mul_(-g[:, None])
             z.scatter_add_(1, tc_N[i:j, None], g[:, None])
             if db_V is not None:
                 db_V += z.sum(0)
-            # Low precision: the gradient tile is rounded to the input dtype for the tensor-core matmuls
-            # (as in the Triton kernel); float32 accumulation and output either way.
+            # Low precision: the gradient tile is rounded to the input dtype for the fast matmuls (as in the
+            # Triton kernel), with float32 accumulation inside them.
             zm = z.to(h_NC.dtype) if lowp else z
             if dh_NC is not None:
-                _mm32(zm, wm_VC, out=dh_NC[i:j])
+                torch.mm(zm, w_VC, out=dh_NC[i:j])
             if dw_VC is not None:
-                if lowp:
-                    dw_VC += _mm32(zm.t(), hm)
-                else:
-                    dw_VC.addmm_(zm.t(), hm)
-        dh = dh_NC.to(h_NC.dtype) if dh_NC is not None else None
+                _accumulate_mm_(dw_VC, zm.t(), h_NC[i:j])
         dw = dw_VC.to(w_VC.dtype) if dw_VC is not None else None
         db = db_V.to(b_V.dtype) if db_V is not None else None
-        return dh, dw, db, None
-
-
-def _logits_into(out_nV, h_nC, wm_CV, b32_V):
-    """out = h @ W^T + b in float32; wm_CV is float32 or (low-precision CUDA) the input dtype."""
-    _mm32(h_nC if _lowp_matmuls(h_nC) else h_nC.float(), wm_CV, out=out_nV)
-    if b32_V is not None:
-        out_nV += b32_V
-    return out_nV
+        return dh_NC, dw, db, None
