@@ -13,8 +13,9 @@ compared with.
 Peak memory is measured above what exists before the call (inputs), over forward+backward, grads included:
 CUDA via torch.cuda.max_memory_allocated; CPU by replaying the profiler's allocator events (every torch
 CPU allocation and free, in time order), which sees exactly what tracemalloc cannot.
-"fwd-only" times the no-grad forward (scoring). Timings are medians over --repeats runs with the implementations interleaved, so background load drifts
-affect all of them alike.
+"fwd-only" times the no-grad forward (scoring). Timings are medians over --repeats runs with the
+implementations interleaved, so background load drifts affect all of them alike. On a shared 2-core machine,
+--threads 1 gives steadier ratios (one busy neighbour stalls every 2-thread parallel region).
 """
 
 from __future__ import annotations

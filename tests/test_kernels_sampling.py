@@ -18,7 +18,9 @@ from scipy import stats  # noqa: E402
 import var_mclr.kernels.sampling as smp  # noqa: E402
 from var_mclr.kernels import guided_sample  # noqa: E402
 
-IMPLS = ["naive", "torch", "triton"]
+needs_triton = pytest.mark.skipif(not smp._triton_available(), reason="triton is not installed")
+IMPLS = ["naive", "torch", pytest.param("triton", marks=needs_triton)]
+PLAIN_IMPLS = ["naive", "torch"] + (["triton"] if smp._triton_available() else [])  # for hypothesis
 
 
 @pytest.fixture(autouse=True)
@@ -76,15 +78,16 @@ def test_exact_distribution_chi_square(impl, case):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_many_rows_support_and_shape(impl):
-    """Distinct random rows: every sample lies in its row's oracle support (away from float ties)."""
-    B, l, V = 3, 50, 40
+    """150 distinct random rows: every sample lies in its own row's float64-oracle support (fixed seeds, so a
+    float32-vs-float64 disagreement exactly at a cut-off cannot make this flaky)."""
+    B, ell, V = 3, 50, 40
     g = _gen(5)
-    zc, zu = torch.randn(B, l, V, generator=g) * 2, torch.randn(B, l, V, generator=g)
+    zc, zu = torch.randn(B, ell, V, generator=g) * 2, torch.randn(B, ell, V, generator=g)
     t, top_k, top_p = 1.0, 12, 0.6
     idx = guided_sample(zc, zu, t, top_k, top_p, _gen(11), impl=impl)
-    assert idx.shape == (B, l) and idx.dtype == torch.long
-    p = oracle(zc, zu, t, top_k, top_p).reshape(B * l, V)
-    assert np.all(p[np.arange(B * l), idx.reshape(-1).numpy()] > 0)
+    assert idx.shape == (B, ell) and idx.dtype == torch.long
+    p = oracle(zc, zu, t, top_k, top_p).reshape(B * ell, V)
+    assert np.all(p[np.arange(B * ell), idx.reshape(-1).numpy()] > 0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -118,7 +121,7 @@ def test_bf16_logits_and_disabled_filters(impl):
 
 @settings(max_examples=15, deadline=None)
 @given(R=st.integers(1, 30), V=st.integers(1, 50), seed=st.integers(0, 2**16), t=st.floats(0, 3),
-       impl=st.sampled_from(IMPLS))
+       impl=st.sampled_from(PLAIN_IMPLS))
 def test_greedy_limits_property(R, V, seed, t, impl):
     """top_k = 1, or a tiny top_p, leaves only the argmax of the mixed logits."""
     g = _gen(seed)

@@ -10,6 +10,9 @@ grad_logits = g * (onehot - softmax) in registers, and atomically adds its contr
 and dW (tile^T @ h) in float32 buffers. The N x V logits never reach global memory in either direction.
 
 Run on the CPU with TRITON_INTERPRET=1 (set before this module is imported: triton.jit reads it then).
+The GPU tile sizes below are reasoned, not tuned (no GPU was available while writing this); the tests also
+compile every kernel for sm_90. bench/bench_logprob.py times triton against chunked and the bare head
+matmuls on a GPU: if the backward's float32 atomics make triton lose to chunked there, flip "auto".
 """
 
 from __future__ import annotations
@@ -166,7 +169,8 @@ def forward(h_NC, w_VC, b_V, t_N, splits: int | None = None):
             h_NC, w_VC, b_V if b_V is not None else h_NC, t_N, lse_part, tgt_part,
             N, V, C, h_NC.stride(0), w_VC.stride(0), blocks_per_split,
             HAS_BIAS=b_V is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-            BLOCK_C=cfg["BLOCK_C"], DOT_PRECISION=_dot_precision(h_NC.dtype), UPCAST=INTERPRETED, num_warps=cfg["num_warps"],
+            BLOCK_C=cfg["BLOCK_C"], DOT_PRECISION=_dot_precision(h_NC.dtype), UPCAST=INTERPRETED,
+            num_warps=cfg["num_warps"],
         )
     lse_N = torch.logsumexp(lse_part, dim=0)
     logp_N = torch.where(t_N >= 0, tgt_part.sum(0) - lse_N, torch.zeros_like(lse_N))

@@ -38,9 +38,10 @@ IGNORE_INDEX = -100
 IMPLS = ("auto", "naive", "chunked", "triton")
 ENV_VAR = "VAR_MCLR_KERNELS"
 
-# Elements of float32 logits per chunk: 2M = 8 MiB, i.e. 512 rows at V = 4096. Large enough that the
-# chunk matmuls run at full speed, small enough to sit far below the naive path's N x V buffers.
-_CHUNK_ELEMS = 2 * 1024 * 1024
+# Elements of float32 logits per chunk: 4M = 16 MiB, i.e. 1024 rows at V = 4096. Fewer, larger chunks keep
+# the matmuls efficient and, on a busy 2-core CPU, give fewer parallel regions to stall (8 MiB chunks were
+# ~10% slower there); at VAR-d16 head shapes the peak stays ~0.2x of the naive path's (bench_logprob.py).
+_CHUNK_ELEMS = 4 * 1024 * 1024
 
 
 def _triton_available() -> bool:
@@ -60,8 +61,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         if impl not in IMPLS:
             raise ValueError(f"{ENV_VAR} must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda" and _triton_available():
-            return "triton"
+        if device.type == "cuda":
+            if _triton_available():
+                return "triton"
+            log.warning("triton is not importable; token_logprobs falls back to the chunked torch path on CUDA")
         return "chunked"
     return impl
 
@@ -198,7 +201,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         tc_N = t_N.clamp_min(0)
         # Each dh row is written once, so it can be produced in h's dtype directly; dW and db accumulate
         # over chunks and stay float32 until the end.
-        dh_NC = torch.empty_like(h_NC) if need_h else None
+        dh_NC = torch.empty(h_NC.shape, dtype=h_NC.dtype, device=h_NC.device) if need_h else None
         dw_VC = torch.zeros(V, h_NC.shape[1], dtype=torch.float32, device=h_NC.device) if need_w else None
         db_V = torch.zeros(V, dtype=torch.float32, device=h_NC.device) if (need_b and b_V is not None) else None
         rows = _chunk_rows(V)

@@ -1,0 +1,165 @@
+"""Base vs base + CFG (a sweep of scales) vs guidance-free fine-tuned models, side by side.
+
+    python eval/compare.py --base runs/mnist/pretrain/model.safetensors \
+        --finetuned nll=runs/mnist/nll/model.safetensors mclr=runs/mnist/mclr/model.safetensors \
+                    cca=runs/mnist/cca/model.safetensors --cfg-scales 0.5 1 2 3 --out-dir runs/mnist/compare
+
+Every row is sampled with the same seed, classes and sample count and scored by the same feature network. Writes
+table.md, table.csv, results.json, fid_vs_cfg.png and grid.png (the same seeds and classes for every row).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: eval.* importable
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+from eval.fid import build_parser, evaluate, feature_backend  # noqa: E402
+from eval.sampling_run import load_for_eval  # noqa: E402
+from eval.separation import separation  # noqa: E402
+from var_mclr.checkpoints import atomic_write  # noqa: E402
+from var_mclr.data import build_dataset  # noqa: E402
+
+log = logging.getLogger("eval.compare")
+COLUMNS = ("fid", "precision", "recall", "inception_score", "class_accuracy", "implicit_classifier_accuracy",
+           "mean_log_ratio_per_token", "heldout_nll_per_token", "images_per_s", "transformer_passes_per_image")
+
+
+def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float]) -> list[dict]:
+    rows = [{"name": "base", "ckpt": base, "guidance": "none", "cfg_scale": 0.0}]
+    rows += [{"name": f"base+cfg{s:g}", "ckpt": base, "guidance": "cfg", "cfg_scale": s} for s in cfg_scales]
+    rows += [{"name": name, "ckpt": path, "guidance": "none", "cfg_scale": 0.0} for name, path in finetuned]
+    return rows
+
+
+def run_rows(rows: list[dict], common: argparse.Namespace, out_dir: Path, data_name: str) -> list[dict]:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    vae0, _, _ = load_for_eval(rows[0]["ckpt"], common.tokenizer)
+    net, ref = feature_backend(common, vae0.resolution, device)
+    heldout = build_dataset({"name": data_name, "resolution": vae0.resolution}, "val").tensors
+    separations: dict[str, dict] = {}
+    results = []
+    for row in rows:
+        args = argparse.Namespace(**{**vars(common), "ckpt": row["ckpt"], "guidance": row["guidance"],
+                                     "cfg_scale": row["cfg_scale"], "out_dir": str(out_dir / row["name"])})
+        record = evaluate(args, net, ref, accelerator)
+        if row["ckpt"] not in separations:
+            vae, var, _ = load_for_eval(row["ckpt"], common.tokenizer)
+            separations[row["ckpt"]] = separation(var.to(device), vae.to(device), *heldout)
+        results.append({**row, **record["metrics"], **separations[row["ckpt"]],
+                        "feature_network": record["feature_network"]["description"]})
+        log.info("%s: %s", row["name"], {k: results[-1].get(k) for k in COLUMNS})
+    return results
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_tables(results: list[dict], out_dir: Path, title: str) -> str:
+    header = ["model", "guidance", *COLUMNS]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        guidance = "none" if r["guidance"] == "none" else f"cfg {r['cfg_scale']:g}"
+        lines.append("| " + " | ".join([r["name"], guidance] + [fmt(r.get(k)) for k in COLUMNS]) + " |")
+    table = "\n".join(lines) + "\n"
+    atomic_write(out_dir / "table.md", lambda tmp: Path(tmp).write_text(table))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for r in results:
+                w.writerow([r["name"], r["guidance"] if r["guidance"] == "none" else f"cfg{r['cfg_scale']:g}"]
+                           + [r.get(k) for k in COLUMNS])
+
+    atomic_write(out_dir / "table.csv", write_csv)
+    atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    return table
+
+
+def plot(results: list[dict], out_dir: Path) -> Path:
+    """FID and class accuracy against the CFG scale of the base; guidance-free fine-tuned models as lines."""
+    base = sorted([r for r in results if r["name"] == "base" or r["name"].startswith("base+cfg")],
+                  key=lambda r: r["cfg_scale"])
+    others = [r for r in results if r not in base]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "fid", "FID (lower is better)"), (axes[1], "class_accuracy", "class accuracy")):
+        if any(r.get(key) is None for r in results):
+            continue
+        ax.plot([r["cfg_scale"] for r in base], [r[key] for r in base], "o-", color="k", label="base + CFG")
+        for i, r in enumerate(others):
+            ax.axhline(r[key], color=f"C{i}", linestyle="--", label=f"{r['name']} (guidance-free)")
+        ax.set_xlabel("CFG scale w of the base (0 = guidance-free)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "fid_vs_cfg.png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def side_by_side_grid(results: list[dict], out_dir: Path, per_class: int = 2) -> Path:
+    """One row per evaluated model, the same (class, seed) samples in the same columns."""
+    rows = []
+    for r in results:
+        z = np.load(out_dir / r["name"] / "samples.npz")
+        images, labels = torch.from_numpy(z["arr_0"]), torch.from_numpy(z["arr_1"])
+        picks = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
+        rows.append(torch.cat(picks).permute(0, 3, 1, 2).float().div(255))
+    grid_path = out_dir / "grid.png"
+    atomic_write(grid_path, lambda tmp: save_image(torch.cat(rows), tmp, nrow=len(rows[0]), padding=1, format="png"))
+    return grid_path
+
+
+def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float], common: argparse.Namespace,
+            out_dir: Path, data_name: str = "mnist") -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = run_rows(plan_rows(base, finetuned, cfg_scales), common, out_dir, data_name)
+    write_tables(results, out_dir, f"{common.num_samples} samples, seed {common.seed}")
+    plot(results, out_dir)
+    side_by_side_grid(results, out_dir)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = build_parser()
+    p.description = __doc__
+    for action in p._actions:  # --ckpt comes from --base / --finetuned here
+        if action.dest == "ckpt":
+            action.required = False
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=CKPT")
+    p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
+    p.add_argument("--data", default="mnist", choices=("mnist", "synthetic"), help="held-out images for separation")
+    args = p.parse_args(argv)
+    finetuned = []
+    for item in args.finetuned:
+        if "=" not in item:
+            raise SystemExit(f"--finetuned expects NAME=CKPT, got {item!r}")
+        finetuned.append(tuple(item.split("=", 1)))
+    compare(args.base, finetuned, args.cfg_scales, args, Path(args.out_dir), args.data)
+    print((Path(args.out_dir) / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

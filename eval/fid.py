@@ -1,0 +1,150 @@
+"""Sample from a VAR checkpoint and score the samples.
+
+    python eval/fid.py --ckpt runs/mnist/mclr/model.safetensors --guidance none
+    python eval/fid.py --ckpt runs/mnist/pretrain/model.safetensors --guidance cfg --cfg-scale 1.5
+    accelerate launch eval/fid.py --ckpt var_d16.pth --official-vae vae_ch160v4096z32.pth --depth 16 \
+        --features inception --inception-weights pt_inception-2015-12-05-6726825d.pth \
+        --reference VIRTUAL_imagenet256_labeled.npz --num-samples 50000 --top-k 900 --top-p 0.96
+
+Writes to --out-dir: samples.npz (ADM evaluator layout: arr_0 uint8 N x H x W x 3, arr_1 labels), grid.png and
+metrics.json, which records every setting, seed, hash and the code version behind the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: eval.* importable
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+
+from eval.features import (FeatureNet, Reference, dinov2_net, embedded_reference, file_reference,  # noqa: E402
+                           inception_net, mnist_net)
+from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, inception_score,  # noqa: E402
+                          precision_recall, save_samples_npz, to_uint8_nhwc)
+from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set  # noqa: E402
+from var_mclr.checkpoints import atomic_write  # noqa: E402
+from var_mclr.sampling import SamplingConfig  # noqa: E402
+
+log = logging.getLogger("eval.fid")
+
+
+def score(samples: SampleSet, net: FeatureNet, ref: Reference, device) -> dict:
+    feats, probs = net.features_and_probs(samples.images_N3HW, device)
+    mu, sigma = feature_statistics(feats)
+    out = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "precision": None, "recall": None,
+           "inception_score": None, "class_accuracy": None}
+    if ref.features_ND is not None:
+        out["precision"], out["recall"] = precision_recall(ref.features_ND, feats, k=3, device=device)
+    if probs is not None:
+        out["inception_score"] = inception_score(probs, splits=10)[0]
+        if net.has_classes:
+            out["class_accuracy"] = class_accuracy(probs, samples.labels_N)
+    return out
+
+
+def save_outputs(out_dir: Path, samples: SampleSet, record: dict, num_classes: int, grid_per_class: int = 8) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_samples_npz(str(out_dir / "samples.npz"), to_uint8_nhwc(samples.images_N3HW), samples.labels_N.numpy())
+    # Grid: one row per class (first classes only for large label sets), same positions for every model.
+    rows = []
+    for c in range(min(num_classes, 16)):
+        rows.append(samples.images_N3HW[samples.labels_N == c][:grid_per_class])
+    grid = torch.cat(rows).add(1).div(2)
+    atomic_write(out_dir / "grid.png", lambda tmp: save_image(grid, tmp, nrow=grid_per_class, padding=1, format="png"))
+    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+def evaluate(args: argparse.Namespace, net: FeatureNet | None = None, ref: Reference | None = None,
+             accelerator: Accelerator | None = None) -> dict:
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    vae, var, provenance = load_for_eval(args.ckpt, args.tokenizer, args.official_vae, args.depth, args.num_classes)
+    vae, var = vae.to(device), var.to(device)
+    sampling = SamplingConfig(guidance=args.guidance, cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
+                              top_k=args.top_k, top_p=args.top_p)
+    if net is None or ref is None:
+        net, ref = feature_backend(args, vae.resolution, device)
+
+    labels_N = balanced_labels(args.num_samples, var.num_classes)
+    batches = list(range(0, args.num_samples, args.batch_size))
+    with accelerator.split_between_processes(batches) as mine:
+        parts = []
+        for start in mine:
+            part = sample_set(var, vae, sampling, labels_N[start:start + args.batch_size], args.batch_size,
+                              seed=args.seed * 1_000_003 + start, device=device, show_progress=False)
+            parts.append((start, part))
+    parts = sorted(gather_object(parts), key=lambda p: p[0])
+    samples = SampleSet(torch.cat([p.images_N3HW for _, p in parts]), labels_N,
+                        sum(p.seconds for _, p in parts) / accelerator.num_processes,
+                        parts[0][1].transformer_rows_per_image)
+    record = {
+        "settings": {**vars(args), "sampling": sampling.__dict__},
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "checkpoint": provenance,
+        "feature_network": {"name": net.name, "description": net.description, "weights_sha256": net.weights_sha256},
+        "reference": ref.source,
+        "code_version": code_version(),
+        "metrics": {},
+    }
+    if accelerator.is_main_process:
+        metrics = score(samples, net, ref, device)
+        metrics["images_per_s"] = args.num_samples / samples.seconds
+        metrics["transformer_passes_per_image"] = samples.transformer_rows_per_image * len(var.patch_nums)
+        record["metrics"] = metrics
+        save_outputs(Path(args.out_dir), samples, record, var.num_classes)
+        log.info("%s", json.dumps(metrics))
+        log.info("feature space: %s", net.description)
+    return record
+
+
+def feature_backend(args: argparse.Namespace, resolution: int, device) -> tuple[FeatureNet, Reference]:
+    if args.features == "mnist":
+        net, _ = mnist_net(Path(args.cache_dir), resolution)
+        return net, embedded_reference(net, {"name": "mnist", "resolution": resolution}, device)
+    if args.reference is None:
+        raise ValueError(f"--features {args.features} needs --reference (an ADM-style .npz of real images or mu/sigma)")
+    net = inception_net(args.inception_weights, device) if args.features == "inception" \
+        else dinov2_net(args.dinov2_path, device)
+    return net, file_reference(net, args.reference, resolution, device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="our VAR .safetensors, or an official var_d*.pth")
+    p.add_argument("--tokenizer", help="tokenizer .safetensors (default: the one the VAR was trained with)")
+    p.add_argument("--official-vae", help="official vae_ch160v4096z32.pth (with an official --ckpt)")
+    p.add_argument("--depth", type=int, help="VAR depth of an official --ckpt")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of an official --ckpt")
+    p.add_argument("--guidance", choices=("none", "cfg"), default="none")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--num-samples", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", choices=("mnist", "inception", "dinov2"), default="mnist")
+    p.add_argument("--inception-weights", help="local Inception-v3 weights file (never downloaded)")
+    p.add_argument("--dinov2-path", help="local DINOv2 directory (transformers) or weights file (timm)")
+    p.add_argument("--reference", help="reference .npz: ADM batch (arr_0 images) and/or mu, sigma")
+    p.add_argument("--cache-dir", default="runs/cache", help="where the embedded eval classifier is cached")
+    p.add_argument("--out-dir", default="runs/eval/latest")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Loading a model to evaluate and sampling a class-balanced, seeded set of images from it.
+
+Shared by eval/fid.py and eval/compare.py. Seeds are per batch, derived from (seed, batch index), so the images do
+not depend on the batch size being split over processes, and two models sampled with the same seed see the same
+classes and the same random streams (a fair side-by-side grid).
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tokenizer.model import VQVAE
+from var_mclr.checkpoints import load_model, load_official, read_model_info
+from var_mclr.model import VAR
+from var_mclr.sampling import SamplingConfig, sample_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+        return rev.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | None = None,
+                  depth: int | None = None, num_classes: int = 1000) -> tuple[VQVAE, VAR, dict]:
+    """Our safetensors VAR (tokenizer from --tokenizer or the one its training run recorded), or an official pair."""
+    if Path(ckpt).suffix == ".pth":
+        if official_vae is None or depth is None:
+            raise ValueError("an official var_d*.pth needs --official-vae and --depth")
+        vae, var = load_official(official_vae, ckpt, depth, num_classes=num_classes)
+        provenance = {"var": ckpt, "var_sha256": file_sha256(ckpt), "vae": official_vae,
+                      "vae_sha256": file_sha256(official_vae)}
+        return vae, var.eval(), provenance
+    if tokenizer is None:
+        recorded = read_model_info(ckpt).get("source_config", {}).get("tokenizer", {}).get("checkpoint")
+        if recorded is None:
+            raise ValueError(f"{ckpt} records no tokenizer; pass --tokenizer")
+        tokenizer = recorded
+    vae = load_model(tokenizer)
+    var = load_model(ckpt, vae=vae)
+    if not isinstance(vae, VQVAE) or not isinstance(var, VAR):
+        raise ValueError(f"expected a tokenizer and a VAR, got {type(vae).__name__} and {type(var).__name__}")
+    provenance = {"var": ckpt, "var_sha256": file_sha256(ckpt), "vae": tokenizer, "vae_sha256": file_sha256(tokenizer)}
+    return vae.eval(), var.eval(), provenance
+
+
+@dataclass
+class SampleSet:
+    images_N3HW: torch.Tensor  # float in [-1, 1], on the CPU
+    labels_N: torch.Tensor
+    seconds: float  # sampling + decoding wall time
+    transformer_rows_per_image: int  # 1 guidance-free, 2 with CFG: passes per image per scale
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(num_samples) % num_classes
+
+
+@torch.no_grad()
+def sample_set(var: VAR, vae: VQVAE, sampling: SamplingConfig, labels_N: torch.Tensor, batch_size: int, seed: int,
+               device: torch.device, show_progress: bool = True) -> SampleSet:
+    images, rows = [], 1
+    tic = time.perf_counter()
+    starts = range(0, len(labels_N), batch_size)
+    for b, start in enumerate(tqdm(starts, desc=f"sampling ({sampling.guidance})", disable=not show_progress)):
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        label_B = labels_N[start:start + batch_size].to(device)
+        result = sample_tokens(var, vae.quantize, label_B, sampling, gen)
+        images.append(vae.fhat_to_img(result.f_hat).cpu())
+        rows = result.transformer_rows // len(label_B)
+    return SampleSet(torch.cat(images), labels_N.clone(), time.perf_counter() - tic, rows)
