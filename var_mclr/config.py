@@ -33,7 +33,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"  # imagefolder | mnist | synthetic
-    root: str | None = None  # imagefolder: the train/ directory with one sub-directory per class
+    root: str | None = None  # imagefolder: the directory holding train/ and val/, one sub-directory per class
     resolution: int = 16
     num_classes: int = 4
     hflip: bool = False
@@ -205,6 +205,14 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _build(cls, tree: dict, prefix: str, errors: list[str]):
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -219,6 +227,8 @@ def _build(cls, tree: dict, prefix: str, errors: list[str]):
                 errors.append(f"{name} must be a section (mapping), got {value!r}")
                 continue
             kwargs[key] = _build(tp, value, f"{name}.", errors)
+        elif isinstance(value, str) and _type_ok(1.0, tp) and _is_number(value):
+            kwargs[key] = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         elif not _type_ok(value, tp):
             errors.append(f"{name} = {value!r} has the wrong type (expected {tp if isinstance(tp, type) else str(tp)})")
         else:

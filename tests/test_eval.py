@@ -1,0 +1,77 @@
+"""The evaluation entry points end to end on tiny models (numbers meaningless, plumbing real)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_vae, tiny_var
+from eval.compare import compare
+from eval.features import file_reference, mnist_net
+from eval.fid import build_parser, evaluate
+from eval.metrics import save_statistics
+from var_mclr.checkpoints import save_model
+
+
+@pytest.fixture(scope="module")
+def eval_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval_cache")
+
+
+def models(tmp_path):
+    vae = tiny_vae()
+    save_model(vae, tmp_path / "tok")
+    paths = {}
+    for seed, name in enumerate(("base", "tuned")):
+        paths[name] = str(save_model(tiny_var(vae, num_classes=4, seed=seed), tmp_path / name))
+    return str(tmp_path / "tok.safetensors"), paths
+
+
+def test_fid_script_writes_samples_grid_and_provenance(tmp_path, eval_cache):
+    tok, paths = models(tmp_path)
+    args = build_parser().parse_args(["--ckpt", paths["base"], "--tokenizer", tok, "--guidance", "cfg",
+                                      "--cfg-scale", "2", "--num-samples", "40", "--batch-size", "16",
+                                      "--cache-dir", str(eval_cache), "--out-dir", str(tmp_path / "out")])
+    record = evaluate(args)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["metrics"] == record["metrics"] and saved["settings"]["sampling"]["guidance"] == "cfg"
+    assert saved["checkpoint"]["var_sha256"] and saved["feature_network"]["weights_sha256"]
+    assert "NOT Inception FID" in saved["feature_network"]["description"]
+    m = saved["metrics"]
+    assert m["transformer_passes_per_image"] == 2 * 4 and m["fid"] > 0 and 0 <= m["precision"] <= 1
+    z = np.load(tmp_path / "out" / "samples.npz")
+    assert z["arr_0"].shape == (40, 16, 16, 3) and z["arr_0"].dtype == np.uint8
+    assert list(z["arr_1"][:8]) == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert (tmp_path / "out" / "grid.png").stat().st_size > 0
+    # Same seed, same samples: the run is reproducible.
+    evaluate(build_parser().parse_args([*map(str, ["--ckpt", paths["base"], "--tokenizer", tok, "--guidance",
+                                                   "cfg", "--cfg-scale", 2, "--num-samples", 40, "--batch-size", 16,
+                                                   "--cache-dir", eval_cache, "--out-dir", tmp_path / "again"])]))
+    assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["arr_0"], z["arr_0"])
+
+
+def test_compare_builds_table_plot_and_grid(tmp_path, eval_cache):
+    tok, paths = models(tmp_path)
+    common = build_parser().parse_args(["--ckpt", paths["base"], "--tokenizer", tok, "--num-samples", "24",
+                                        "--batch-size", "12", "--cache-dir", str(eval_cache)])
+    results = compare(paths["base"], [("mclr", paths["tuned"])], [1.0, 2.0], common, tmp_path / "cmp", "synthetic")
+    assert [r["name"] for r in results] == ["base", "base+cfg1", "base+cfg2", "mclr"]
+    assert [r["transformer_passes_per_image"] for r in results] == [4, 8, 8, 4]
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| base+cfg2 | cfg 2 |" in table and "implicit_classifier_accuracy" in table
+    for name in ("table.csv", "results.json", "fid_vs_cfg.png", "grid.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    assert all(0 <= r["implicit_classifier_accuracy"] <= 1 for r in results)
+
+
+def test_references_of_the_wrong_resolution_or_feature_size_are_refused(tmp_path, eval_cache):
+    net, _ = mnist_net(eval_cache, 16)
+    np.savez(tmp_path / "ref32.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="holds 32x32 images but the samples are 16x16"):
+        file_reference(net, str(tmp_path / "ref32.npz"), 16, "cpu")
+    save_statistics(str(tmp_path / "stats.npz"), np.zeros(2048), np.eye(2048))
+    with pytest.raises(ValueError, match="feature size 2048, but the feature network gives 128"):
+        file_reference(net, str(tmp_path / "stats.npz"), 16, "cpu")
+    np.savez(tmp_path / "ref16.npz", arr_0=np.random.default_rng(0).integers(0, 255, (30, 16, 16, 3), np.uint8))
+    ref = file_reference(net, str(tmp_path / "ref16.npz"), 16, "cpu")
+    assert ref.features_ND.shape == (30, 128) and ref.mu.shape == (128,)
