@@ -2,8 +2,15 @@
 import sys
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and other test modules' imports (accelerate, ...) may import
+# it before the kernel tests run: without a GPU, every Triton kernel in this process runs in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # eval/ holds scripts run from the repository root; make them importable as `eval.*` in tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
