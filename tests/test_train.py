@@ -157,3 +157,33 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_checkpoint_intact(
     ckpt = tmp_path / "nan" / "checkpoints" / "step_0000004"
     assert load_file(ckpt / "model.safetensors")  # readable, complete
     assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_imagenet_config_runs_on_official_layout_weights_and_an_image_folder(tmp_path):
+    # configs/var_d16.yaml as a user runs it, shrunk: official-layout .pth files and a tiny ImageNet-style folder.
+    from PIL import Image
+
+    from var_mclr.model import VAR, VARConfig
+
+    vae = tiny_vae()
+    torch.save(vae.state_dict(), tmp_path / "vae.pth")
+    var = VAR(VARConfig.official(2, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=3, patch_nums=vae.patch_nums))
+    torch.save(var.state_dict(), tmp_path / "var_d2.pth")
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (tmp_path / "imagenet" / "train" / f"n0{c}").mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "imagenet" / "train" / f"n0{c}" / f"{i}.JPEG")
+    t = vae.cfg
+    overrides = [f"run.out_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'imagenet'}", "data.resolution=16",
+                 "data.num_classes=3", "data.num_workers=0", f"tokenizer.checkpoint={tmp_path / 'vae.pth'}",
+                 f"tokenizer.vocab_size={t.vocab_size}", f"tokenizer.z_channels={t.z_channels}", f"tokenizer.ch={t.ch}",
+                 f"tokenizer.ch_mult={list(t.ch_mult)}", f"tokenizer.num_res_blocks={t.num_res_blocks}",
+                 f"tokenizer.v_patch_nums={list(t.v_patch_nums)}", f"model.init={tmp_path / 'var_d2.pth'}",
+                 "model.depth=2", "model.embed_dim=128", "model.num_heads=2", "train.steps=2", "train.batch_size=4",
+                 "train.mixed_precision=no", "run.log_every=1"]
+    final = train(load_config(REPO / "configs" / "var_d16.yaml", overrides))
+    rows = metrics(tmp_path / "run")
+    assert final.exists() and len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert 0 <= rows[0]["ratio_acc"] <= 1  # the MCLR objective of var_d16.yaml ran

@@ -227,6 +227,8 @@ def _build(cls, tree: dict, prefix: str, errors: list[str]):
                 errors.append(f"{name} must be a section (mapping), got {value!r}")
                 continue
             kwargs[key] = _build(tp, value, f"{name}.", errors)
+        elif isinstance(value, bool) and tp is str:
+            kwargs[key] = "yes" if value else "no"  # YAML 1.1 reads no/off as false (train.mixed_precision=no)
         elif isinstance(value, str) and _type_ok(1.0, tp) and _is_number(value):
             kwargs[key] = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         elif not _type_ok(value, tp):
