@@ -32,8 +32,8 @@ log = logging.getLogger("eval.sweep")
 
 # The same number of grid points for every method (spec section 8: every method needs the same tuning budget).
 GRID = {
-    "mclr": [["loss.mclr.lam=1", "loss.mclr.tau=0.05"], ["loss.mclr.lam=3", "loss.mclr.tau=0.05"],
-             ["loss.mclr.lam=3", "loss.mclr.tau=0.2"], ["loss.mclr.lam=10", "loss.mclr.tau=0.2"]],
+    "mclr": [["loss.mclr.lam=1", "loss.mclr.tau=2"], ["loss.mclr.lam=3", "loss.mclr.tau=2"],
+             ["loss.mclr.lam=1", "loss.mclr.tau=5"], ["loss.mclr.lam=3", "loss.mclr.tau=5"]],
     "cca": [["loss.cca.beta=0.02", "loss.cca.lam=50"], ["loss.cca.beta=0.1", "loss.cca.lam=10"],
             ["loss.cca.beta=0.1", "loss.cca.lam=1"], ["loss.cca.beta=0.5", "loss.cca.lam=10"]],
 }
