@@ -10,6 +10,7 @@ reported beside it so that a choice bought with lost diversity is visible.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -33,9 +34,11 @@ log = logging.getLogger("eval.sweep")
 # The same number of grid points for every method (spec section 8: every method needs the same tuning budget).
 GRID = {
     "mclr": [["loss.mclr.lam=1", "loss.mclr.tau=2"], ["loss.mclr.lam=3", "loss.mclr.tau=2"],
-             ["loss.mclr.lam=1", "loss.mclr.tau=5"], ["loss.mclr.lam=3", "loss.mclr.tau=5"]],
+             ["loss.mclr.lam=1", "loss.mclr.tau=5"], ["loss.mclr.lam=3", "loss.mclr.tau=5"],
+             ["loss.mclr.lam=10", "loss.mclr.tau=5"], ["loss.mclr.lam=3", "loss.mclr.tau=10"]],
     "cca": [["loss.cca.beta=0.02", "loss.cca.lam=50"], ["loss.cca.beta=0.1", "loss.cca.lam=10"],
-            ["loss.cca.beta=0.1", "loss.cca.lam=1"], ["loss.cca.beta=0.5", "loss.cca.lam=10"]],
+            ["loss.cca.beta=0.1", "loss.cca.lam=1"], ["loss.cca.beta=0.5", "loss.cca.lam=10"],
+            ["loss.cca.beta=0.01", "loss.cca.lam=50"], ["loss.cca.beta=0.02", "loss.cca.lam=100"]],
 }
 COLUMNS = ("fid", "precision", "recall", "class_accuracy", "implicit_classifier_accuracy", "heldout_nll_per_token")
 
@@ -64,10 +67,15 @@ def main(argv: list[str] | None = None) -> None:
                          *point]
             cfg, path = stage(f"sweep-{method}-s{args.seed}", f"{method}.yaml", root, overrides)
             run_stage(cfg, path, train)
-            run = argparse.Namespace(**{**vars(common), "ckpt": str(path), "out_dir": str(out / path.parent.name)})
-            metrics = evaluate(run, net, ref, accelerator)["metrics"]
-            vae_m, var_m, _ = load_for_eval(str(path))
-            metrics.update(separation(var_m, vae_m, *heldout))
+            row_file = out / path.parent.name / "sweep_row.json"
+            if row_file.is_file():  # this point was trained and scored by an earlier sweep
+                metrics = json.loads(row_file.read_text())
+            else:
+                run = argparse.Namespace(**{**vars(common), "ckpt": str(path), "out_dir": str(row_file.parent)})
+                metrics = evaluate(run, net, ref, accelerator)["metrics"]
+                vae_m, var_m, _ = load_for_eval(str(path))
+                metrics.update(separation(var_m, vae_m, *heldout))
+                atomic_write(row_file, lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
             lines.append(f"| {method} | {' '.join(point)} | " + " | ".join(fmt(metrics.get(k)) for k in COLUMNS) + " |")
             log.info("%s %s: %s", method, point, {k: metrics.get(k) for k in COLUMNS})
     table = "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""One training step (forward + backward + AdamW) per objective at the same batch: time and peak memory as
+ratios to nll, measured side by side in one run.
+
+    python bench/bench_train_step.py [--depth 4] [--width 256] [--batch 4] [--repeats 5]
+
+The VAR keeps the 256-px head shapes (L = 680 tokens, V = 4096, 1000 classes) with a shallow backbone so the CPU run
+finishes; pass --depth 16 --width 1024 on a GPU for VAR-d16. mclr (K = 1) scores every image under two classes;
+cca does the same plus the frozen reference's no-grad pass over both.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_logprob import peak_bytes, time_all  # noqa: E402
+
+from var_mclr.builders import frozen_copy  # noqa: E402
+from var_mclr.config import Config  # noqa: E402
+from var_mclr.model import VAR, VARConfig  # noqa: E402
+from var_mclr.objectives import objective_loss, plan_classes  # noqa: E402
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    var = VAR(VARConfig(num_classes=1000, depth=args.depth, embed_dim=args.width, num_heads=max(1, args.width // 64),
+                        patch_nums=PATCH_NUMS_256)).to(device)
+    var.init_weights()
+    ref = frozen_copy(var).to(device)
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-6)
+    g = torch.Generator().manual_seed(0)
+    idx_BL = torch.randint(0, var.V, (args.batch, var.L), generator=g).to(device)
+    x_BLCv = torch.randn(args.batch, var.L - 1, var.Cvae, generator=g).to(device)
+    label_B = torch.randint(0, 1000, (args.batch,), generator=g)
+
+    def step_for(objective):
+        cfg = Config()
+        cfg.train.objective, cfg.data.num_classes = objective, 1000
+
+        def run():
+            plan = plan_classes(cfg, label_B, torch.Generator().manual_seed(1))
+            loss, _ = objective_loss(cfg, var, ref, plan, idx_BL, x_BLCv)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return run
+
+    runs = {name: step_for(name) for name in ("nll", "mclr", "cca")}
+    times = time_all(runs, device, args.repeats)
+    peaks = {name: peak_bytes(run, lambda: opt.zero_grad(set_to_none=True), device) for name, run in runs.items()}
+    print(f"device {device}, VAR depth {args.depth} width {args.width}, batch {args.batch}, L {var.L}, "
+          f"V {var.V}, threads {torch.get_num_threads()}, median of {args.repeats}")
+    print("| objective | time (ms) | time / nll | peak (MiB) | peak / nll |")
+    print("|---|---:|---:|---:|---:|")
+    for name in runs:
+        print(f"| {name} | {times[name] * 1e3:.0f} | {times[name] / times['nll']:.2f} | {peaks[name] / 2**20:.0f} | "
+              f"{peaks[name] / peaks['nll']:.2f} |")
+    print(f"mclr / cca: time {times['mclr'] / times['cca']:.2f}, peak {peaks['mclr'] / peaks['cca']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
