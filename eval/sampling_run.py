@@ -1,8 +1,8 @@
 """Loading a model to evaluate and sampling a class-balanced, seeded set of images from it.
 
-Shared by eval/fid.py and eval/compare.py. Seeds are per batch, derived from (seed, batch index), so the images do
-not depend on the batch size being split over processes, and two models sampled with the same seed see the same
-classes and the same random streams (a fair side-by-side grid).
+Shared by eval/fid.py and eval/compare.py. Every batch has its own generator, seeded from (seed, batch start), so the
+images do not depend on how batches are spread over processes, and two models sampled with the same seed and batch
+size see the same classes and the same random streams (a fair side-by-side grid).
 """
 from __future__ import annotations
 
