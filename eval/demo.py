@@ -69,7 +69,8 @@ def pipeline(root: Path, seed: int, extra: list[str]) -> dict[str, Path]:
 
 
 def summarise(per_seed: list[list[dict]], out: Path) -> str:
-    """Mean and spread (sample std over seeds) of every column, per row."""
+    """Mean and spread (sample std over seeds) of every column, per row; written to out/summary.{md,json}."""
+    out.mkdir(parents=True, exist_ok=True)
     names = [r["name"] for r in per_seed[0]]
     lines = [f"| model | {' | '.join(COLUMNS)} |", "|---|" + "---|" * len(COLUMNS)]
     summary = {}
@@ -101,21 +102,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
     args = p.parse_args(argv)
     root = Path(args.root)
-    per_seed = []
+    per_seed, outs = [], []
     for seed in args.seeds:
         paths = pipeline(root, seed, args.set)
         common = build_parser().parse_args(["--ckpt", str(paths["base"]), "--num-samples", str(args.num_samples),
                                             "--cache-dir", str(root / "cache")])
-        out = root / f"compare-s{seed}-n{args.num_samples}"
-        per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n in FINETUNES], args.cfg_scales,
-                                common, out))
+        key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), args.cfg_scales])
+                             .encode()).hexdigest()[:8]
+        out = root / f"compare-s{seed}-n{args.num_samples}-{key}"  # new models or settings: a new directory
+        outs.append(out.name)
+        if (out / "results.json").is_file():  # the same models, settings and seed were compared before
+            per_seed.append(json.loads((out / "results.json").read_text()))
+        else:
+            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n in FINETUNES], args.cfg_scales,
+                                    common, out))
         log.info("seed %d: table %s, plot %s, grid %s", seed, out / "table.md", out / "fid_vs_cfg.png",
                  out / "grid.png")
-    table = summarise(per_seed, root)
+    summary_dir = root / f"summary-{hashlib.sha256(' '.join(outs).encode()).hexdigest()[:8]}"
+    table = summarise(per_seed, summary_dir)
     print(f"\nMNIST demo, seeds {args.seeds}, {args.num_samples} samples per row (mean ± std over seeds):\n")
     print(table)
-    last = root / f"compare-s{args.seeds[-1]}-n{args.num_samples}"
-    print(f"plot: {last / 'fid_vs_cfg.png'}\ngrid: {last / 'grid.png'}\nsummary: {root / 'summary.md'}")
+    print(f"plot: {out / 'fid_vs_cfg.png'}\ngrid: {out / 'grid.png'}\nsummary: {summary_dir / 'summary.md'}")
 
 
 if __name__ == "__main__":
