@@ -116,9 +116,9 @@ def train(cfg: Config) -> Path:
     if dataset.num_classes != cfg.data.num_classes:
         raise ValueError(f"the dataset has {dataset.num_classes} classes but data.num_classes is {cfg.data.num_classes}")
     data_key = f"{cfg.data.name}-{cfg.data.resolution}-train"
-    tokens = TokenStore(dataset, vae, device, cache_dir=str(out_dir.parent / "token_cache") if cfg.data.cache_tokens
-                        else None, data_key=data_key, with_flips=cfg.data.hflip)
-    accelerator.wait_for_everyone()
+    with accelerator.main_process_first():  # one process encodes the token cache, the others then read it
+        tokens = TokenStore(dataset, vae, device, cache_dir=str(out_dir.parent / "token_cache")
+                            if cfg.data.cache_tokens else None, data_key=data_key, with_flips=cfg.data.hflip)
 
     optimizer = make_optimizer(cfg, var)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -131,6 +131,9 @@ def train(cfg: Config) -> Path:
         state = load_training_state(existing[-1], model, optimizer, scheduler)
         start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         log.info("resumed from %s at step %d", existing[-1], start_step)
+        changed = _changed_keys(state.get("config", {}), cfg.to_dict())
+        if changed:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
         if accelerator.is_main_process:
             _truncate_metrics(out_dir / "metrics.jsonl", start_step)
     elif accelerator.is_main_process:
@@ -212,6 +215,17 @@ def train(cfg: Config) -> Path:
         writer.close()
     accelerator.end_training()
     return final
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
