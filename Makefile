@@ -19,3 +19,4 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_logprob.py
 	$(PY) bench/bench_sampling.py
+	$(PY) bench/bench_train_step.py
