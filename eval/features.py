@@ -15,9 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.classifier import in_batches, load_dinov2, load_inception, load_or_train_mnist_classifier
+from eval.classifier import file_sha256, in_batches, load_dinov2, load_inception, load_or_train_mnist_classifier
 from eval.metrics import feature_statistics, load_samples_npz, load_statistics
-from eval.sampling_run import file_sha256
 from var_mclr.data import build_dataset
 
 

@@ -6,7 +6,6 @@ size see the same classes and the same random streams (a fair side-by-side grid)
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 from dataclasses import dataclass
@@ -15,20 +14,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eval.classifier import file_sha256
 from tokenizer.model import VQVAE
 from var_mclr.checkpoints import load_model, load_official, read_model_info
 from var_mclr.model import VAR
 from var_mclr.sampling import SamplingConfig, sample_tokens
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def code_version() -> str:

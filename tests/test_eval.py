@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import tiny_vae, tiny_var
 from eval.compare import compare

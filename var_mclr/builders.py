@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from tokenizer.model import VQVAE, VQVAEConfig
 from var_mclr.checkpoints import load_model, load_official_vae, load_official_var
 from var_mclr.config import Config
@@ -65,7 +63,3 @@ def frozen_copy(var: VAR) -> VAR:
     ref = VAR(var.cfg, vae_local=var.vae_proxy[0])
     ref.load_state_dict(var.state_dict())
     return ref.eval().requires_grad_(False)
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device

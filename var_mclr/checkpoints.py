@@ -84,7 +84,8 @@ def load_official_var(var_path: str | os.PathLike, depth: int, vae: VQVAE, num_c
     state = read_state_dict(var_path)
     found = checkpoint_depth(state)
     if found != depth:
-        raise CheckpointError(f"{var_path} holds a VAR of depth {found} ({found} blocks) but depth={depth} was asked for")
+        raise CheckpointError(f"{var_path} holds a VAR of depth {found} ({found} blocks) "
+                              f"but depth={depth} was asked for")
     cfg = VARConfig.official(depth, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=num_classes,
                              patch_nums=vae.patch_nums, **overrides)
     var = VAR(cfg, vae_local=vae)

@@ -253,7 +253,8 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
     if not 0 <= cfg.train.class_dropout < 1:
         errors.append(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
     if cfg.model.embed_dim % cfg.model.num_heads:
-        errors.append(f"model.embed_dim {cfg.model.embed_dim} is not divisible by model.num_heads {cfg.model.num_heads}")
+        errors.append(f"model.embed_dim {cfg.model.embed_dim} is not divisible by "
+                      f"model.num_heads {cfg.model.num_heads}")
     if not check_files:
         return
     for dotted, path in (("data.root", cfg.data.root if cfg.data.name == "imagefolder" else None),

@@ -203,7 +203,8 @@ class VAR(nn.Module):
     # ---- inputs ---------------------------------------------------------------------------------------------
     def check_labels(self, label_B: torch.Tensor) -> None:
         if label_B.ndim != 1 or label_B.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"label_B must be a 1-D integer tensor, got {label_B.dtype} of shape {tuple(label_B.shape)}")
+            raise ValueError(f"label_B must be a 1-D integer tensor, "
+                             f"got {label_B.dtype} of shape {tuple(label_B.shape)}")
         if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
             raise ValueError(f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
                              f"got range [{int(label_B.min())}, {int(label_B.max())}]")

@@ -114,7 +114,8 @@ def train(cfg: Config) -> Path:
     ref = frozen_copy(var).to(device) if t.objective in NEEDS_REFERENCE else None
     dataset = build_dataset(_dataset_args(cfg), "train")
     if dataset.num_classes != cfg.data.num_classes:
-        raise ValueError(f"the dataset has {dataset.num_classes} classes but data.num_classes is {cfg.data.num_classes}")
+        raise ValueError(f"the dataset has {dataset.num_classes} classes "
+                         f"but data.num_classes is {cfg.data.num_classes}")
     data_key = f"{cfg.data.name}-{cfg.data.resolution}-train"
     with accelerator.main_process_first():  # one process encodes the token cache, the others then read it
         tokens = TokenStore(dataset, vae, device, cache_dir=str(out_dir.parent / "token_cache")

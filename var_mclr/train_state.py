@@ -26,7 +26,7 @@ STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
-    tensors = {f"state.{pid}.{name}": (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().contiguous()
+    tensors = {f"state.{pid}.{name}": torch.as_tensor(v).detach().cpu().contiguous()
                for pid, state in sd["state"].items() for name, v in state.items()}
     return tensors, {"param_groups": sd["param_groups"]}
 
