@@ -35,7 +35,8 @@ from var_mclr.data import build_dataset  # noqa: E402
 
 log = logging.getLogger("eval.compare")
 COLUMNS = ("fid", "precision", "recall", "inception_score", "class_accuracy", "implicit_classifier_accuracy",
-           "mean_log_ratio_per_token", "heldout_nll_per_token", "images_per_s", "transformer_passes_per_image")
+           "mean_log_ratio_per_token", "heldout_nll_per_token", "images_per_s", "token_images_per_s",
+           "transformer_passes_per_image")
 
 
 def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float]) -> list[dict]:

@@ -83,7 +83,8 @@ def evaluate(args: argparse.Namespace, net: FeatureNet | None = None, ref: Refer
     parts = sorted(gather_object(parts), key=lambda p: p[0])
     samples = SampleSet(torch.cat([p.images_N3HW for _, p in parts]), labels_N,
                         sum(p.seconds for _, p in parts) / accelerator.num_processes,
-                        parts[0][1].transformer_rows_per_image)
+                        parts[0][1].transformer_rows_per_image,
+                        sum(p.token_seconds for _, p in parts) / accelerator.num_processes)
     record = {
         "settings": {**vars(args), "sampling": sampling.__dict__},
         "num_samples": args.num_samples,
@@ -97,6 +98,7 @@ def evaluate(args: argparse.Namespace, net: FeatureNet | None = None, ref: Refer
     if accelerator.is_main_process:
         metrics = score(samples, net, ref, device)
         metrics["images_per_s"] = args.num_samples / samples.seconds
+        metrics["token_images_per_s"] = args.num_samples / samples.token_seconds  # without the decoder
         metrics["transformer_passes_per_image"] = samples.transformer_rows_per_image * len(var.patch_nums)
         record["metrics"] = metrics
         save_outputs(Path(args.out_dir), samples, record, var.num_classes)

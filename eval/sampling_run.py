@@ -61,6 +61,7 @@ class SampleSet:
     labels_N: torch.Tensor
     seconds: float  # sampling + decoding wall time
     transformer_rows_per_image: int  # 1 guidance-free, 2 with CFG: passes per image per scale
+    token_seconds: float = 0.0  # the token sampling alone (transformer + sampler), without the tokenizer's decoder
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
@@ -70,13 +71,17 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_set(var: VAR, vae: VQVAE, sampling: SamplingConfig, labels_N: torch.Tensor, batch_size: int, seed: int,
                device: torch.device, show_progress: bool = True) -> SampleSet:
-    images, rows = [], 1
+    images, rows, token_seconds = [], 1, 0.0
     tic = time.perf_counter()
     starts = range(0, len(labels_N), batch_size)
     for b, start in enumerate(tqdm(starts, desc=f"sampling ({sampling.guidance})", disable=not show_progress)):
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         label_B = labels_N[start:start + batch_size].to(device)
+        tok = time.perf_counter()
         result = sample_tokens(var, vae.quantize, label_B, sampling, gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        token_seconds += time.perf_counter() - tok
         images.append(vae.fhat_to_img(result.f_hat).cpu())
         rows = result.transformer_rows // len(label_B)
-    return SampleSet(torch.cat(images), labels_N.clone(), time.perf_counter() - tic, rows)
+    return SampleSet(torch.cat(images), labels_N.clone(), time.perf_counter() - tic, rows, token_seconds)

@@ -38,6 +38,7 @@ def test_fid_script_writes_samples_grid_and_provenance(tmp_path, eval_cache):
     assert "NOT Inception FID" in saved["feature_network"]["description"]
     m = saved["metrics"]
     assert m["transformer_passes_per_image"] == 2 * 4 and m["fid"] > 0 and 0 <= m["precision"] <= 1
+    assert m["token_images_per_s"] > m["images_per_s"] > 0  # token sampling alone excludes the decoder
     z = np.load(tmp_path / "out" / "samples.npz")
     assert z["arr_0"].shape == (40, 16, 16, 3) and z["arr_0"].dtype == np.uint8
     assert list(z["arr_1"][:8]) == [0, 1, 2, 3, 0, 1, 2, 3]
