@@ -75,3 +75,24 @@ def test_references_of_the_wrong_resolution_or_feature_size_are_refused(tmp_path
     np.savez(tmp_path / "ref16.npz", arr_0=np.random.default_rng(0).integers(0, 255, (30, 16, 16, 3), np.uint8))
     ref = file_reference(net, str(tmp_path / "ref16.npz"), 16, "cpu")
     assert ref.features_ND.shape == (30, 128) and ref.mu.shape == (128,)
+
+
+def test_two_processes_sample_exactly_what_one_does(tmp_path, eval_cache):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tok, paths = models(tmp_path)
+    mnist_net(eval_cache, 16)  # train the eval classifier once, before the processes start
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--ckpt", paths["base"], "--tokenizer", tok, "--num-samples", "40", "--batch-size", "8",
+              "--cache-dir", str(eval_cache)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29541", str(repo / "eval" / "fid.py"), *common, "--out-dir", str(tmp_path / "two")],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    evaluate(build_parser().parse_args([*common, "--out-dir", str(tmp_path / "one")]))
+    a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
