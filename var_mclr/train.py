@@ -104,6 +104,8 @@ def train(cfg: Config) -> Path:
     t = cfg.train
     if t.kernels != "auto":  # the kernels read their override from the environment, in every process
         os.environ[kernels.logprob.ENV_VAR] = t.kernels
+    if t.flush_denormal:
+        torch.set_flush_denormal(True)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.run.out_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
