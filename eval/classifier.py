@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ import torchvision.models.inception as tvi
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from var_mclr.checkpoints import atomic_write
 from var_mclr.data import mnist_dataset
 
 log = logging.getLogger(__name__)
@@ -153,20 +154,6 @@ def _train_mnist_classifier(seed: int, resolution: int, epochs: int, batch_size:
     return model, acc
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_or_train_mnist_classifier(cache_path: str, seed: int = 0, resolution: int = 32) -> tuple[MnistCNN, float]:
     """The eval classifier for the embedded dataset at `resolution`: loaded from `cache_path` or trained once there.
 
@@ -188,8 +175,9 @@ def load_or_train_mnist_classifier(cache_path: str, seed: int = 0, resolution: i
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
             log.warning("classifier cache %s unreadable (%s): retraining", cache_path, e)
     model, acc = train_mnist_classifier(seed=seed, resolution=resolution)
-    _atomic_save_safetensors(model.state_dict(), cache_path,
-                             {**want, "num_classes": str(model.num_classes), "heldout_acc": repr(acc)})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {**want, "num_classes": str(model.num_classes), "heldout_acc": repr(acc)}
+    atomic_write(Path(cache_path), lambda tmp: save_file(state, tmp, metadata=meta))
     return model, acc
 
 

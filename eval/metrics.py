@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from var_mclr.checkpoints import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -216,18 +218,11 @@ def _check_samples(arr: np.ndarray, where: str) -> None:
 
 
 def _atomic_savez(path: str, **arrays) -> None:
-    # Write to a temp file in the same directory, then rename: a crash never leaves a truncated .npz behind.
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(Path(path), write)
 
 
 def save_samples_npz(path: str, samples_NHW3: np.ndarray, labels_N: np.ndarray | None = None) -> None:
