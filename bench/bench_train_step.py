@@ -19,12 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_logprob import peak_bytes, time_all  # noqa: E402
 
+from tokenizer.model import VAR_256_PATCH_NUMS  # noqa: E402
 from var_mclr.builders import frozen_copy  # noqa: E402
-from var_mclr.config import Config  # noqa: E402
 from var_mclr.model import VAR, VARConfig  # noqa: E402
-from var_mclr.objectives import objective_loss, plan_classes  # noqa: E402
-
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+from var_mclr.objectives import OBJECTIVES, LossConfig, objective_loss  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +39,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     var = VAR(VARConfig(num_classes=1000, depth=args.depth, embed_dim=args.width, num_heads=max(1, args.width // 64),
-                        patch_nums=PATCH_NUMS_256)).to(device)
+                        patch_nums=VAR_256_PATCH_NUMS)).to(device)
     var.init_weights()
     ref = frozen_copy(var).to(device)
     opt = torch.optim.AdamW(var.parameters(), lr=1e-6)
@@ -50,13 +48,12 @@ def main() -> None:
     x_BLCv = torch.randn(args.batch, var.L - 1, var.Cvae, generator=g).to(device)
     label_B = torch.randint(0, 1000, (args.batch,), generator=g)
 
-    def step_for(objective):
-        cfg = Config()
-        cfg.train.objective, cfg.data.num_classes = objective, 1000
+    def step_for(name):
+        objective, loss_cfg = OBJECTIVES[name], LossConfig()
 
         def run():
-            plan = plan_classes(cfg, label_B, torch.Generator().manual_seed(1))
-            loss, _ = objective_loss(cfg, var, ref, plan, idx_BL, x_BLCv)
+            plan = objective.plan(loss_cfg, label_B, 1000, 0.0, torch.Generator().manual_seed(1))
+            loss, _ = objective_loss(objective, loss_cfg, var, ref, plan, idx_BL, x_BLCv)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

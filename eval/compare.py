@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: eval.* importable
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -27,11 +25,12 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from eval.fid import build_parser, evaluate, feature_backend  # noqa: E402
+from eval.fid import evaluate, feature_backend  # noqa: E402
 from eval.sampling_run import load_for_eval  # noqa: E402
 from eval.separation import separation  # noqa: E402
-from var_mclr.checkpoints import atomic_write  # noqa: E402
+from eval.settings import EvalSettings, add_eval_arguments, settings_from_args  # noqa: E402
 from var_mclr.data import build_dataset  # noqa: E402
+from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("eval.compare")
 COLUMNS = ("fid", "precision", "recall", "inception_score", "class_accuracy", "implicit_classifier_accuracy",
@@ -46,7 +45,7 @@ def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[floa
     return rows
 
 
-def run_rows(rows: list[dict], common: argparse.Namespace, out_dir: Path, data_name: str) -> list[dict]:
+def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: str) -> list[dict]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     vae0, _, _ = load_for_eval(rows[0]["ckpt"], common.tokenizer)
@@ -55,8 +54,8 @@ def run_rows(rows: list[dict], common: argparse.Namespace, out_dir: Path, data_n
     separations: dict[str, dict] = {}
     results = []
     for row in rows:
-        args = argparse.Namespace(**{**vars(common), "ckpt": row["ckpt"], "guidance": row["guidance"],
-                                     "cfg_scale": row["cfg_scale"], "out_dir": str(out_dir / row["name"])})
+        args = dataclasses.replace(common, ckpt=row["ckpt"], guidance=row["guidance"], cfg_scale=row["cfg_scale"],
+                                   out_dir=str(out_dir / row["name"]))
         record = evaluate(args, net, ref, accelerator)
         if row["ckpt"] not in separations:
             vae, var, _ = load_for_eval(row["ckpt"], common.tokenizer)
@@ -80,7 +79,7 @@ def write_tables(results: list[dict], out_dir: Path, title: str) -> str:
         guidance = "none" if r["guidance"] == "none" else f"cfg {r['cfg_scale']:g}"
         lines.append("| " + " | ".join([r["name"], guidance] + [fmt(r.get(k)) for k in COLUMNS]) + " |")
     table = "\n".join(lines) + "\n"
-    atomic_write(out_dir / "table.md", lambda tmp: Path(tmp).write_text(table))
+    write_text_atomic(out_dir / "table.md", table)
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
@@ -91,7 +90,7 @@ def write_tables(results: list[dict], out_dir: Path, title: str) -> str:
                            + [r.get(k) for k in COLUMNS])
 
     atomic_write(out_dir / "table.csv", write_csv)
-    atomic_write(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     return table
 
 
@@ -131,7 +130,7 @@ def side_by_side_grid(results: list[dict], out_dir: Path, per_class: int = 2) ->
     return grid_path
 
 
-def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float], common: argparse.Namespace,
+def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float], common: EvalSettings,
             out_dir: Path, data_name: str = "mnist") -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = run_rows(plan_rows(base, finetuned, cfg_scales), common, out_dir, data_name)
@@ -143,22 +142,18 @@ def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float]
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = build_parser()
-    p.description = __doc__
-    for action in p._actions:  # --ckpt comes from --base / --finetuned here
-        if action.dest == "ckpt":
-            action.required = False
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=CKPT")
     p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
     p.add_argument("--data", default="mnist", choices=("mnist", "synthetic"), help="held-out images for separation")
-    args = p.parse_args(argv)
+    args = add_eval_arguments(p, with_ckpt=False).parse_args(argv)
     finetuned = []
     for item in args.finetuned:
         if "=" not in item:
-            raise SystemExit(f"--finetuned expects NAME=CKPT, got {item!r}")
+            p.error(f"--finetuned expects NAME=CKPT, got {item!r}")
         finetuned.append(tuple(item.split("=", 1)))
-    compare(args.base, finetuned, args.cfg_scales, args, Path(args.out_dir), args.data)
+    compare(args.base, finetuned, args.cfg_scales, settings_from_args(args), Path(args.out_dir), args.data)
     print((Path(args.out_dir) / "table.md").read_text())
 
 

@@ -1,42 +1,51 @@
-"""Feature networks behind the metrics, and the real-image references they are compared with.
+"""Feature networks behind the metrics, behind one small interface, and the real-image references they compare with.
 
-- mnist: the small CNN of eval/classifier.py, trained once on the embedded training digits and cached. FID in its
-  penultimate features is "FID (classifier features)", not comparable to Inception FID; the output says so.
-- inception: Inception-v3 pool3 from a local weights file (the standard FID network); reference from an ADM
-  reference batch (.npz with arr_0 images, and/or mu/sigma).
-- dinov2: a local DINOv2 ViT (FD_DINOv2, the MCLR paper's headline metric); reference from real images.
+- mnist: the small CNN of eval/networks/mnist_cnn.py, trained once on the embedded training digits and cached. FID
+  in its penultimate features is "FID (classifier features)", not comparable to Inception FID; the output says so.
+- inception: Inception-v3 pool3 from a local weights file (eval/networks/inception.py), the standard FID network;
+  reference from an ADM reference batch (.npz with arr_0 images, and/or mu/sigma).
+- dinov2: a local DINOv2 ViT (eval/networks/dinov2.py) for FD_DINOv2; reference from real images.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.classifier import file_sha256, in_batches, load_dinov2, load_inception, load_or_train_mnist_classifier
 from eval.metrics import feature_statistics, load_samples_npz, load_statistics
+from eval.networks.dinov2 import load_dinov2
+from eval.networks.inception import load_inception
+from eval.networks.mnist_cnn import load_or_train_mnist_classifier
 from var_mclr.data import build_dataset
+from var_mclr.files import file_sha256, tensors_sha256
+
+FEATURE_NETWORKS = ("mnist", "inception", "dinov2")
 
 
 @dataclass
 class FeatureNet:
+    """What every feature network gives the metrics: features and, when it classifies, logits, per image batch."""
     name: str
     description: str
-    net: torch.nn.Module
     weights_sha256: str
+    feat_dim: int
+    embed: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # [-1, 1] images -> (feats, logits)
     has_classes: bool  # logits over the same classes as the generator (class accuracy is meaningful)
+    batch_size: int = 500
 
     @torch.no_grad()
     def features_and_probs(self, images_N3HW: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if hasattr(self.net, "pool3_and_logits"):
-            outs = [self.net.pool3_and_logits(x.to(device)) for x in images_N3HW.split(100)]
-            return torch.cat([f.cpu() for f, _ in outs]), torch.cat([F.softmax(z, -1).cpu() for _, z in outs])
-        feats = in_batches(self.net.features, images_N3HW, 500, device)
-        probs = in_batches(lambda x: F.softmax(self.net.logits(x), -1), images_N3HW, 500, device) \
-            if hasattr(self.net, "logits") else None
-        return feats, probs
+        feats, probs = [], []
+        for x in images_N3HW.split(self.batch_size):
+            f, logits = self.embed(x.to(device))
+            feats.append(f.float().cpu())
+            if logits is not None:
+                probs.append(F.softmax(logits, -1).float().cpu())
+        return torch.cat(feats), (torch.cat(probs) if probs else None)
 
 
 def mnist_net(cache_dir: Path, resolution: int) -> tuple[FeatureNet, float]:
@@ -44,19 +53,28 @@ def mnist_net(cache_dir: Path, resolution: int) -> tuple[FeatureNet, float]:
     net, heldout_acc = load_or_train_mnist_classifier(str(path), seed=0, resolution=resolution)
     desc = (f"small MNIST CNN trained on the embedded training digits at {resolution}px (held-out accuracy "
             f"{heldout_acc:.4f}); FID here is in its 128-d penultimate features, NOT Inception FID")
-    return FeatureNet("mnist-cnn", desc, net, file_sha256(path), has_classes=True), heldout_acc
+
+    def embed(x):
+        f = net.features(x)
+        return f, net.head(f)
+
+    return FeatureNet("mnist-cnn", desc, tensors_sha256(net.state_dict()), net.feat_dim, embed,
+                      has_classes=True), heldout_acc
 
 
 def inception_net(weights: str | None, device) -> FeatureNet:
     net = load_inception(weights, device)
     return FeatureNet("inception-v3-pool3", f"Inception-v3 pool3 (2048-d) from {weights or 'the torch hub cache'}",
-                      net, "n/a" if weights is None else file_sha256(weights), has_classes=True)
+                      "n/a" if weights is None else file_sha256(weights), net.feat_dim, net.pool3_and_logits,
+                      has_classes=True, batch_size=100)
 
 
 def dinov2_net(path: str, device) -> FeatureNet:
     net = load_dinov2(path, device=device)
     sha = file_sha256(path) if Path(path).is_file() else "directory"
-    return FeatureNet("dinov2", f"DINOv2 CLS features from {path} (FD_DINOv2)", net, sha, has_classes=False)
+    return FeatureNet("dinov2", f"DINOv2 CLS features from {path} (FD_DINOv2)", sha, 0,
+                      lambda x: (net.features(x), None),
+                      has_classes=False)
 
 
 @dataclass
@@ -78,9 +96,8 @@ def file_reference(net: FeatureNet, path: str, resolution: int, device) -> Refer
     """An ADM-style .npz: arr_0 images (features computed here) and/or precomputed mu, sigma."""
     with np.load(path) as z:
         has_images = "arr_0" in z.files
-    feat_dim = int(getattr(net.net, "feat_dim", 0)) or None
     if not has_images:
-        mu, sigma = load_statistics(path, expected_dim=feat_dim)
+        mu, sigma = load_statistics(path, expected_dim=net.feat_dim or None)
         return Reference(mu, sigma, None, f"{path} (statistics only: no precision/recall)")
     images = load_samples_npz(path)
     if images.shape[1:3] != (resolution, resolution):

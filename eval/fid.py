@@ -14,23 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: eval.* importable
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torchvision.utils import save_image
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import gather_object  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
-
-from eval.features import (FeatureNet, Reference, dinov2_net, embedded_reference, file_reference,  # noqa: E402
-                           inception_net, mnist_net)
-from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, inception_score,  # noqa: E402
-                          precision_recall, save_samples_npz, to_uint8_nhwc)
-from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set  # noqa: E402
-from var_mclr.checkpoints import atomic_write  # noqa: E402
-from var_mclr.sampling import SamplingConfig  # noqa: E402
+from eval.features import FeatureNet, Reference, dinov2_net, embedded_reference, file_reference, inception_net, mnist_net
+from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, inception_score, precision_recall,
+                          save_samples_npz, to_uint8_nhwc)
+from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set
+from eval.settings import EvalSettings, add_eval_arguments, settings_from_args
+from var_mclr.files import atomic_write, write_text_atomic
 
 log = logging.getLogger("eval.fid")
 
@@ -58,17 +54,17 @@ def save_outputs(out_dir: Path, samples: SampleSet, record: dict, num_classes: i
         rows.append(samples.images_N3HW[samples.labels_N == c][:grid_per_class])
     grid = torch.cat(rows).add(1).div(2)
     atomic_write(out_dir / "grid.png", lambda tmp: save_image(grid, tmp, nrow=grid_per_class, padding=1, format="png"))
-    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    write_text_atomic(out_dir / "metrics.json", json.dumps(record, indent=2))
 
 
-def evaluate(args: argparse.Namespace, net: FeatureNet | None = None, ref: Reference | None = None,
+def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference | None = None,
              accelerator: Accelerator | None = None) -> dict:
+    """Sample args.num_samples class-balanced images, score them, write samples.npz, grid.png, metrics.json."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     vae, var, provenance = load_for_eval(args.ckpt, args.tokenizer, args.official_vae, args.depth, args.num_classes)
     vae, var = vae.to(device), var.to(device)
-    sampling = SamplingConfig(guidance=args.guidance, cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule,
-                              top_k=args.top_k, top_p=args.top_p)
+    sampling = args.sampling()
     if net is None or ref is None:
         net, ref = feature_backend(args, vae.resolution, device)
 
@@ -86,7 +82,7 @@ def evaluate(args: argparse.Namespace, net: FeatureNet | None = None, ref: Refer
                         parts[0][1].transformer_rows_per_image,
                         sum(p.token_seconds for _, p in parts) / accelerator.num_processes)
     record = {
-        "settings": {**vars(args), "sampling": sampling.__dict__},
+        "settings": {**args.to_dict(), "sampling": sampling.__dict__},
         "num_samples": args.num_samples,
         "seed": args.seed,
         "checkpoint": provenance,
@@ -107,7 +103,7 @@ def evaluate(args: argparse.Namespace, net: FeatureNet | None = None, ref: Refer
     return record
 
 
-def feature_backend(args: argparse.Namespace, resolution: int, device) -> tuple[FeatureNet, Reference]:
+def feature_backend(args: EvalSettings, resolution: int, device) -> tuple[FeatureNet, Reference]:
     if args.features == "mnist":
         net, _ = mnist_net(Path(args.cache_dir), resolution)
         return net, embedded_reference(net, {"name": "mnist", "resolution": resolution}, device)
@@ -119,33 +115,13 @@ def feature_backend(args: argparse.Namespace, resolution: int, device) -> tuple[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="our VAR .safetensors, or an official var_d*.pth")
-    p.add_argument("--tokenizer", help="tokenizer .safetensors (default: the one the VAR was trained with)")
-    p.add_argument("--official-vae", help="official vae_ch160v4096z32.pth (with an official --ckpt)")
-    p.add_argument("--depth", type=int, help="VAR depth of an official --ckpt")
-    p.add_argument("--num-classes", type=int, default=1000, help="classes of an official --ckpt")
-    p.add_argument("--guidance", choices=("none", "cfg"), default="none")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--num-samples", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--features", choices=("mnist", "inception", "dinov2"), default="mnist")
-    p.add_argument("--inception-weights", help="local Inception-v3 weights file (never downloaded)")
-    p.add_argument("--dinov2-path", help="local DINOv2 directory (transformers) or weights file (timm)")
-    p.add_argument("--reference", help="reference .npz: ADM batch (arr_0 images) and/or mu, sigma")
-    p.add_argument("--cache-dir", default="runs/cache", help="where the embedded eval classifier is cached")
-    p.add_argument("--out-dir", default="runs/eval/latest")
-    return p
+    return add_eval_arguments(argparse.ArgumentParser(description=__doc__,
+                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    evaluate(args)
+    evaluate(settings_from_args(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from var_mclr.checkpoints import atomic_write
+from var_mclr.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval.classifier import file_sha256
 from tokenizer.model import VQVAE
-from var_mclr.checkpoints import load_model, load_official, read_model_info
+from var_mclr.checkpoints import is_official_checkpoint, load_model, load_official, read_model_info
+from var_mclr.files import file_sha256
 from var_mclr.model import VAR
 from var_mclr.sampling import SamplingConfig, sample_tokens
 
@@ -35,7 +35,7 @@ def code_version() -> str:
 def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | None = None,
                   depth: int | None = None, num_classes: int = 1000) -> tuple[VQVAE, VAR, dict]:
     """Our safetensors VAR (tokenizer from --tokenizer or the one its training run recorded), or an official pair."""
-    if Path(ckpt).suffix == ".pth":
+    if is_official_checkpoint(ckpt):
         if official_vae is None or depth is None:
             raise ValueError("an official var_d*.pth needs --official-vae and --depth")
         vae, var = load_official(official_vae, ckpt, depth, num_classes=num_classes)
@@ -48,7 +48,7 @@ def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | N
             raise ValueError(f"{ckpt} records no tokenizer; pass --tokenizer")
         tokenizer = recorded
     vae = load_model(tokenizer)
-    var = load_model(ckpt, vae=vae)
+    var = load_model(ckpt)
     if not isinstance(vae, VQVAE) or not isinstance(var, VAR):
         raise ValueError(f"expected a tokenizer and a VAR, got {type(vae).__name__} and {type(var).__name__}")
     provenance = {"var": ckpt, "var_sha256": file_sha256(ckpt), "vae": tokenizer, "vae_sha256": file_sha256(tokenizer)}

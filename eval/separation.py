@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: eval.* importable
+import torch
 
-import torch  # noqa: E402
-
-from eval.sampling_run import load_for_eval  # noqa: E402
-from var_mclr.data import build_dataset  # noqa: E402
-from var_mclr.likelihood import implicit_classifier_logprobs, loglik_all_classes  # noqa: E402
+from eval.sampling_run import load_for_eval
+from var_mclr.data import build_dataset
+from var_mclr.likelihood import implicit_classifier_logprobs, loglik_all_classes
 
 log = logging.getLogger("eval.separation")
 

@@ -1,7 +1,4 @@
 """Shared fixtures: tiny tokenizers and VARs built from random weights."""
-import sys
-from pathlib import Path
-
 import os
 
 import pytest
@@ -11,9 +8,6 @@ import torch
 # it before the kernel tests run: without a GPU, every Triton kernel in this process runs in the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# eval/ holds scripts run from the repository root; make them importable as `eval.*` in tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer import VQVAE, VQVAEConfig  # noqa: E402
 from var_mclr.model import VAR, VARConfig  # noqa: E402
@@ -33,9 +27,19 @@ def tiny_var(vae: VQVAE, num_classes=5, depth=2, width=64, heads=4, seed=0, **ov
     torch.manual_seed(seed)
     cfg = VARConfig(vocab_size=vae.V, Cvae=vae.Cvae, num_classes=num_classes, depth=depth, embed_dim=width,
                     num_heads=heads, patch_nums=vae.patch_nums, **overrides)
-    var = VAR(cfg, vae_local=vae)
+    var = VAR(cfg)
     var.init_weights(init_adaln=0.5, init_adaln_gamma=0.5, init_head=1.0)  # large gates: non-trivial logits
     return var.eval()
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory):
+    """One directory holding the embedded eval classifier (16 px), trained once per test session."""
+    from eval.features import mnist_net
+
+    path = tmp_path_factory.mktemp("eval_cache")
+    mnist_net(path, 16)
+    return path
 
 
 @pytest.fixture

@@ -39,9 +39,9 @@ def test_official_layout_loads_strictly_and_reproduces_outputs(tmp_path):
     x = vae.quantize.idxBl_to_var_input(idx)
     label = torch.tensor([1, 5])
     torch.testing.assert_close(var2(label, x), var.eval()(label, x), rtol=0, atol=0)
-    assert var2.vae_proxy[0] is vae2
 
 
+@pytest.mark.slow
 def test_official_d16_shapes_load(tmp_path):
     # Random weights at the exact released shapes: VQVAE ch160 V4096 z32 and VAR-d16.
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_safetensors_round_trip_with_hyperparameters(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["vae.json", "vae.safetensors", "var.json", "var.safetensors"]
     assert read_model_info(path)["step"] == 7
     vae2 = load_model(tmp_path / "vae.safetensors")
-    var2 = load_model(path, vae=vae2)
+    var2 = load_model(path)
     assert isinstance(var2, VAR) and var2.cfg == var.cfg
     for k, v in var.state_dict().items():
         assert torch.equal(v, var2.state_dict()[k]), k

@@ -1,4 +1,5 @@
 """The evaluation entry points end to end on tiny models (numbers meaningless, plumbing real)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -7,14 +8,10 @@ import pytest
 from conftest import tiny_vae, tiny_var
 from eval.compare import compare
 from eval.features import file_reference, mnist_net
-from eval.fid import build_parser, evaluate
+from eval.fid import evaluate
 from eval.metrics import save_statistics
+from eval.settings import EvalSettings
 from var_mclr.checkpoints import save_model
-
-
-@pytest.fixture(scope="module")
-def eval_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("eval_cache")
 
 
 def models(tmp_path):
@@ -28,9 +25,8 @@ def models(tmp_path):
 
 def test_fid_script_writes_samples_grid_and_provenance(tmp_path, eval_cache):
     tok, paths = models(tmp_path)
-    args = build_parser().parse_args(["--ckpt", paths["base"], "--tokenizer", tok, "--guidance", "cfg",
-                                      "--cfg-scale", "2", "--num-samples", "40", "--batch-size", "16",
-                                      "--cache-dir", str(eval_cache), "--out-dir", str(tmp_path / "out")])
+    args = EvalSettings(ckpt=paths["base"], tokenizer=tok, guidance="cfg", cfg_scale=2, num_samples=40, batch_size=16,
+                        cache_dir=str(eval_cache), out_dir=str(tmp_path / "out"))
     record = evaluate(args)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["metrics"] == record["metrics"] and saved["settings"]["sampling"]["guidance"] == "cfg"
@@ -44,16 +40,13 @@ def test_fid_script_writes_samples_grid_and_provenance(tmp_path, eval_cache):
     assert list(z["arr_1"][:8]) == [0, 1, 2, 3, 0, 1, 2, 3]
     assert (tmp_path / "out" / "grid.png").stat().st_size > 0
     # Same seed, same samples: the run is reproducible.
-    evaluate(build_parser().parse_args([*map(str, ["--ckpt", paths["base"], "--tokenizer", tok, "--guidance",
-                                                   "cfg", "--cfg-scale", 2, "--num-samples", 40, "--batch-size", 16,
-                                                   "--cache-dir", eval_cache, "--out-dir", tmp_path / "again"])]))
+    evaluate(dataclasses.replace(args, out_dir=str(tmp_path / "again")))
     assert np.array_equal(np.load(tmp_path / "again" / "samples.npz")["arr_0"], z["arr_0"])
 
 
 def test_compare_builds_table_plot_and_grid(tmp_path, eval_cache):
     tok, paths = models(tmp_path)
-    common = build_parser().parse_args(["--ckpt", paths["base"], "--tokenizer", tok, "--num-samples", "24",
-                                        "--batch-size", "12", "--cache-dir", str(eval_cache)])
+    common = EvalSettings(ckpt=paths["base"], tokenizer=tok, num_samples=24, batch_size=12, cache_dir=str(eval_cache))
     results = compare(paths["base"], [("mclr", paths["tuned"])], [1.0, 2.0], common, tmp_path / "cmp", "synthetic")
     assert [r["name"] for r in results] == ["base", "base+cfg1", "base+cfg2", "mclr"]
     assert [r["transformer_passes_per_image"] for r in results] == [4, 8, 8, 4]
@@ -77,6 +70,7 @@ def test_references_of_the_wrong_resolution_or_feature_size_are_refused(tmp_path
     assert ref.features_ND.shape == (30, 128) and ref.mu.shape == (128,)
 
 
+@pytest.mark.slow
 def test_two_processes_sample_exactly_what_one_does(tmp_path, eval_cache):
     import os
     import subprocess
@@ -84,7 +78,6 @@ def test_two_processes_sample_exactly_what_one_does(tmp_path, eval_cache):
     from pathlib import Path
 
     tok, paths = models(tmp_path)
-    mnist_net(eval_cache, 16)  # train the eval classifier once, before the processes start
     repo = Path(__file__).resolve().parents[1]
     common = ["--ckpt", paths["base"], "--tokenizer", tok, "--num-samples", "40", "--batch-size", "8",
               "--cache-dir", str(eval_cache)]
@@ -93,6 +86,7 @@ def test_two_processes_sample_exactly_what_one_does(tmp_path, eval_cache):
                           "29541", str(repo / "eval" / "fid.py"), *common, "--out-dir", str(tmp_path / "two")],
                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    evaluate(build_parser().parse_args([*common, "--out-dir", str(tmp_path / "one")]))
+    evaluate(EvalSettings(ckpt=paths["base"], tokenizer=tok, num_samples=40, batch_size=8, cache_dir=str(eval_cache),
+                          out_dir=str(tmp_path / "one")))
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])

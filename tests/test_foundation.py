@@ -62,7 +62,10 @@ def test_var_teacher_forcing_shapes_and_block_causality(vae, var):
     label = torch.tensor([0, 2, var.num_classes])
     logits = var(label, x)
     assert logits.shape == (3, var.L, vae.V) and logits.dtype == torch.float32
-    torch.testing.assert_close(var.head(var.head_hidden(label, x)), logits)
+    # The fused log-prob path (forward with targets) scores the same tokens as log_softmax of these logits.
+    idx_BL = torch.cat(idx, 1)
+    want = logits.log_softmax(-1).gather(-1, idx_BL.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(var(label, x, target_BL=idx_BL), want, rtol=1e-5, atol=1e-5)
     # Changing the input of the last scale leaves the logits of all earlier scales untouched.
     last_begin = var.begin_ends[-1][0]
     x2 = x.clone()

@@ -23,11 +23,6 @@ IMPLS = ["naive", "torch", pytest.param("triton", marks=needs_triton)]
 PLAIN_IMPLS = ["naive", "torch"] + (["triton"] if smp._triton_available() else [])  # for hypothesis
 
 
-@pytest.fixture(autouse=True)
-def _no_env_override(monkeypatch):
-    monkeypatch.delenv(smp.ENV_VAR, raising=False)
-
-
 def oracle(zc, zu, t, top_k, top_p):
     """Float64 numpy transcription of the documented semantics: the exact sampling probabilities per row."""
     zc = np.asarray(zc, np.float64)
@@ -135,9 +130,7 @@ def test_dispatch(monkeypatch):
     cpu = torch.device("cpu")
     assert smp.resolve_impl("auto", cpu, 4096) == "torch"
     assert smp.resolve_impl("auto", torch.device("cuda"), 10**6) == "torch"  # row too wide for registers
-    monkeypatch.setenv(smp.ENV_VAR, "naive")
-    assert smp.resolve_impl("auto", cpu, 4096) == "naive"
-    monkeypatch.setenv(smp.ENV_VAR, "chunked")
+    monkeypatch.setenv("VAR_MCLR_KERNELS", "naive")  # the choice is an argument: the environment has no say
     assert smp.resolve_impl("auto", cpu, 4096) == "torch"
     assert smp.resolve_impl("naive", cpu, 4096) == "naive"
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""eval.classifier: the embedded-dataset CNN (trained once per session), local-only Inception, DINOv2 errors."""
+"""eval.networks: the embedded-dataset CNN (trained once per session), local-only Inception, DINOv2 errors."""
 import importlib.util
 import os
 
@@ -7,8 +7,10 @@ import torch
 import torchvision
 import torchvision.models.inception as tvi
 
-from eval.classifier import (MnistCNN, _TFInceptionA, _TFInceptionE, _TFInceptionEMax, evaluate_accuracy, in_batches,
-                             load_dinov2, load_inception, load_or_train_mnist_classifier)
+from eval.features import FeatureNet
+from eval.networks.dinov2 import load_dinov2
+from eval.networks.inception import _TFInceptionA, _TFInceptionE, _TFInceptionEMax, load_inception
+from eval.networks.mnist_cnn import MnistCNN, evaluate_accuracy, load_or_train_mnist_classifier
 from eval.metrics import frechet_distance_of_features, precision_recall
 from var_mclr.data import mnist_dataset
 
@@ -23,23 +25,28 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def mnist_clf(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("clf") / "mnist_cnn.safetensors")
-    model, acc = load_or_train_mnist_classifier(path)
+def mnist_clf(eval_cache):
+    """The session's one eval classifier (16 px digits, see conftest.eval_cache), loaded from its cache."""
+    path = str(eval_cache / "mnist_classifier_16px.safetensors")
+    model, acc = load_or_train_mnist_classifier(path, seed=0, resolution=16)
     return model, acc, path
+
+
+def in_batches(fn, x_N3HW):
+    return FeatureNet("f", "", "", 0, lambda x: (fn(x), None), False).features_and_probs(x_N3HW, "cpu")[0]
 
 
 def test_classifier_heldout_accuracy_is_high_and_cached(mnist_clf):
     model, acc, path = mnist_clf
-    assert acc > 0.97
-    x, y = mnist_dataset("val").tensors
+    assert acc > 0.96
+    x, y = mnist_dataset("val", resolution=16).tensors
     assert evaluate_accuracy(model, x, y) == pytest.approx(acc)
     # Second call loads the cache (no retraining): same weights, same reported accuracy.
     mtime = os.path.getmtime(path)
-    model2, acc2 = load_or_train_mnist_classifier(path)
+    model2, acc2 = load_or_train_mnist_classifier(path, seed=0, resolution=16)
     assert acc2 == acc and os.path.getmtime(path) == mtime
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
-    assert [f for f in os.listdir(os.path.dirname(path))] == ["mnist_cnn.safetensors"]  # no temp file left
+    assert [f for f in os.listdir(os.path.dirname(path))] == ["mnist_classifier_16px.safetensors"]  # no temp file
 
 
 def test_classifier_features_give_a_sensible_fid(mnist_clf):
@@ -65,9 +72,10 @@ def test_classifier_features_give_a_sensible_fid(mnist_clf):
 
 def test_classifier_accepts_other_resolutions(mnist_clf):
     model, _, _ = mnist_clf
-    x16, y = mnist_dataset("val", resolution=16).tensors
-    assert model.logits(x16[:4]).shape == (4, 10)
-    assert evaluate_accuracy(model, x16, y) > 0.8  # resized back to 32; blurrier, still mostly right
+    # Any input size is resized to the network's 32 px input; accuracy is only high at the resolution it was trained
+    # at (16 px digits here: the blur is part of what it learnt), which is why its cache is keyed by resolution.
+    x32, y = mnist_dataset("val", resolution=32).tensors
+    assert model.logits(x32[:4]).shape == (4, 10) and model.features(x32[:4]).shape == (4, model.feat_dim)
     with pytest.raises(ValueError, match="expected images"):
         model.features(torch.zeros(2, 32, 32))
 
@@ -75,7 +83,7 @@ def test_classifier_accepts_other_resolutions(mnist_clf):
 def test_stale_cache_is_retrained_not_used(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    import eval.classifier as clf
+    import eval.networks.mnist_cnn as clf
 
     p = str(tmp_path / "c.safetensors")
     save_file(MnistCNN().state_dict(), p, metadata={"format": "something-else", "seed": "0"})

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from var_mclr.sampling import SamplingConfig, sample_images, sample_tokens
+from var_mclr.sampling import SamplingConfig, autoregressive_infer_cfg, sample_images, sample_tokens
 
 
 def teacher_forced(var, vae, label_B, idx_Bl):
@@ -73,10 +73,10 @@ def test_same_seed_same_images_and_official_entry_point(vae, var):
     img2, idx2 = sample_images(var, vae, label, SamplingConfig(top_k=10), torch.Generator().manual_seed(3))
     assert img1.shape == (3, 3, 16, 16) and torch.equal(img1, img2)
     assert [tuple(i.shape) for i in idx1] == [(3, p * p) for p in var.patch_nums]
-    out = var.autoregressive_infer_cfg(B=3, label_B=label, g_seed=3, cfg=0, top_k=10)
+    out = autoregressive_infer_cfg(var, vae, B=3, label_B=label, g_seed=3, cfg=0, top_k=10)
     torch.testing.assert_close(out, img1.add(1).mul(0.5))
     assert 0 <= float(out.min()) and float(out.max()) <= 1
-    out = var.autoregressive_infer_cfg(B=2, label_B=None, g_seed=0, cfg=1.5, top_k=10, top_p=0.9)
+    out = autoregressive_infer_cfg(var, vae, B=2, label_B=None, g_seed=0, cfg=1.5, top_k=10, top_p=0.9)
     assert out.shape == (2, 3, 16, 16)
 
 

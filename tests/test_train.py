@@ -82,7 +82,7 @@ def test_pretraining_lowers_nll_then_mclr_raises_the_log_ratio(tmp_path):
 def mean_log_ratio(var_path) -> float:
     """Mean per-token l(x, c) - l(x, c+1 mod C) over the generated training set: the separation MCLR raises."""
     vae = tiny_vae()
-    var = load_model(var_path, vae=vae).eval()
+    var = load_model(var_path).eval()
     images, labels = build_dataset({"name": "synthetic", "resolution": 16, "num_classes": 4}, "train").tensors
     idx = vae.img_to_idxBl(images)
     classes = torch.stack((labels, (labels + 1) % 4), 1)
@@ -96,6 +96,7 @@ def run_cli(cfg_path: Path, *extra: str, launcher=(sys.executable, "-m", "var_mc
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     tree = tiny_run_tree(tmp_path, "a", steps=12)
     cfg_path = write_cfg(tmp_path, tree, "a")
@@ -119,6 +120,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "a")] == list(range(12))
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_follow_the_same_loss_curve(tmp_path):
     one = tiny_run_tree(tmp_path, "one", objective="nll", steps=5, batch_size=8)
     two = tiny_run_tree(tmp_path, "two", objective="nll", steps=5, batch_size=4)
@@ -159,6 +161,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_checkpoint_intact(
     assert not (tmp_path / "nan" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_imagenet_config_runs_on_official_layout_weights_and_an_image_folder(tmp_path):
     # configs/var_d16.yaml as a user runs it, shrunk: official-layout .pth files and a tiny ImageNet-style folder.
     from PIL import Image

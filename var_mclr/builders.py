@@ -1,26 +1,28 @@
-"""Build the tokenizer and the VAR of a run from its config: official .pth, our safetensors, or fresh weights."""
+"""Build the tokenizer and the VAR of a run from its config: official .pth, our safetensors, or fresh weights.
+
+A loaded checkpoint must have the architecture the config declares; every disagreeing key is named.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from pathlib import Path
 
-from tokenizer.model import VQVAE, VQVAEConfig
-from var_mclr.checkpoints import load_model, load_official_vae, load_official_var
-from var_mclr.config import Config
-from var_mclr.model import VAR, VARConfig
+from tokenizer.model import VQVAE
+from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_model, load_official_vae,
+                                  load_official_var)
+from var_mclr.config import Config, var_config, vqvae_config
+from var_mclr.model import VAR
 
 log = logging.getLogger(__name__)
 
 
-def tokenizer_config(cfg: Config) -> VQVAEConfig:
-    t = cfg.tokenizer
-    return VQVAEConfig(vocab_size=t.vocab_size, z_channels=t.z_channels, ch=t.ch, ch_mult=tuple(t.ch_mult),
-                       num_res_blocks=t.num_res_blocks, share_quant_resi=t.share_quant_resi, using_sa=t.using_sa,
-                       using_mid_sa=t.using_mid_sa, v_patch_nums=tuple(t.v_patch_nums))
-
-
-def is_official(path: str) -> bool:
-    return Path(path).suffix in (".pth", ".pt", ".bin")
+def _check_same_arch(declared, loaded, source: str, section: str) -> None:
+    a, b = dataclasses.asdict(declared), dataclasses.asdict(loaded)
+    diffs = [f"{section}.{k}: config {a[k]!r}, checkpoint {b[k]!r}" for k in a
+             if k in b and (list(a[k]) if isinstance(a[k], tuple) else a[k])
+             != (list(b[k]) if isinstance(b[k], tuple) else b[k])]
+    if diffs:
+        raise CheckpointError(f"{source} does not have the architecture the config declares: " + "; ".join(diffs))
 
 
 def build_tokenizer(cfg: Config) -> VQVAE:
@@ -28,10 +30,12 @@ def build_tokenizer(cfg: Config) -> VQVAE:
     path = cfg.tokenizer.checkpoint
     if path is None:
         raise ValueError("tokenizer.checkpoint is not set: point it at vae_ch160v4096z32.pth or a tokenizer "
-                         "trained with `python -m tokenizer.train`")
-    vae = load_official_vae(path, tokenizer_config(cfg)) if is_official(path) else load_model(path)
+                         "trained with `python -m var_mclr.train_tokenizer`")
+    declared = vqvae_config(cfg.tokenizer)
+    vae = load_official_vae(path, declared) if is_official_checkpoint(path) else load_model(path)
     if not isinstance(vae, VQVAE):
         raise ValueError(f"tokenizer.checkpoint {path} holds a {type(vae).__name__}, not a tokenizer")
+    _check_same_arch(declared, vae.cfg, f"tokenizer.checkpoint {path}", "tokenizer")
     if vae.resolution != cfg.data.resolution:
         raise ValueError(f"the tokenizer works at {vae.resolution}px but data.resolution is {cfg.data.resolution}")
     return vae.eval().requires_grad_(False)
@@ -39,27 +43,21 @@ def build_tokenizer(cfg: Config) -> VQVAE:
 
 def build_var(cfg: Config, vae: VQVAE) -> VAR:
     """VAR from model.init (official .pth or our safetensors) or freshly initialised from the model section."""
-    m, path = cfg.model, cfg.model.init
+    declared = var_config(cfg.model, vae.V, vae.Cvae, cfg.data.num_classes, vae.patch_nums)
+    path = cfg.model.init
     if path is None:
-        var = VAR(VARConfig(vocab_size=vae.V, Cvae=vae.Cvae, num_classes=cfg.data.num_classes, depth=m.depth,
-                            embed_dim=m.embed_dim, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                            shared_aln=m.shared_aln, attn_l2_norm=m.attn_l2_norm, patch_nums=vae.patch_nums),
-                  vae_local=vae)
+        var = VAR(declared, logprob_impl=cfg.train.kernels)
         var.init_weights()
         return var
-    if is_official(path):
-        return load_official_var(path, m.depth, vae, num_classes=cfg.data.num_classes,
-                                 shared_aln=m.shared_aln, attn_l2_norm=m.attn_l2_norm)
-    var = load_model(path, vae=vae)
+    var = load_official_var(path, declared) if is_official_checkpoint(path) else load_model(path)
     if not isinstance(var, VAR):
         raise ValueError(f"model.init {path} holds a {type(var).__name__}, not a VAR")
-    if var.num_classes != cfg.data.num_classes or var.patch_nums != vae.patch_nums:
-        raise ValueError(f"model.init {path} has {var.num_classes} classes and patch_nums {var.patch_nums}; the run "
-                         f"has {cfg.data.num_classes} classes and the tokenizer {vae.patch_nums}")
+    _check_same_arch(declared, var.cfg, f"model.init {path}", "model")
+    var.logprob_impl = cfg.train.kernels
     return var
 
 
 def frozen_copy(var: VAR) -> VAR:
-    ref = VAR(var.cfg, vae_local=var.vae_proxy[0])
+    ref = VAR(var.cfg, logprob_impl=var.logprob_impl)
     ref.load_state_dict(var.state_dict())
     return ref.eval().requires_grad_(False)

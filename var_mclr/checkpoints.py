@@ -10,18 +10,24 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tokenizer.model import VQVAE, VQVAEConfig
+from var_mclr.files import atomic_write
 from var_mclr.model import VAR, VARConfig
 
 log = logging.getLogger(__name__)
 
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")  # torch.save'd state dicts; ours are .safetensors
+
+
+def is_official_checkpoint(path: str | os.PathLike) -> bool:
+    """The one rule for "official layout" files: a torch.save'd state dict, told apart by its suffix."""
+    return Path(path).suffix in OFFICIAL_SUFFIXES
 
 
 class CheckpointError(ValueError):
@@ -79,16 +85,14 @@ def load_official_vae(vae_path: str | os.PathLike, cfg: VQVAEConfig | None = Non
     return vae.eval().requires_grad_(False)
 
 
-def load_official_var(var_path: str | os.PathLike, depth: int, vae: VQVAE, num_classes: int = 1000,
-                      **overrides) -> VAR:
+def load_official_var(var_path: str | os.PathLike, cfg: VARConfig) -> VAR:
+    """A VAR of architecture cfg from an official-layout state dict; every disagreement is named."""
     state = read_state_dict(var_path)
     found = checkpoint_depth(state)
-    if found != depth:
+    if found != cfg.depth:
         raise CheckpointError(f"{var_path} holds a VAR of depth {found} ({found} blocks) "
-                              f"but depth={depth} was asked for")
-    cfg = VARConfig.official(depth, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=num_classes,
-                             patch_nums=vae.patch_nums, **overrides)
-    var = VAR(cfg, vae_local=vae)
+                              f"but depth={cfg.depth} was asked for")
+    var = VAR(cfg)
     check_state_dict(var, state, str(var_path))
     var.load_state_dict(state, strict=True)
     return var
@@ -100,24 +104,12 @@ def load_official(vae_path: str | os.PathLike, var_path: str | os.PathLike, dept
     if depth not in OFFICIAL_DEPTHS:
         log.warning("depth %d is not one of the released depths %s", depth, OFFICIAL_DEPTHS)
     vae = load_official_vae(vae_path, vae_cfg)
-    return vae, load_official_var(var_path, depth, vae, num_classes=num_classes)
+    cfg = VARConfig.official(depth, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=num_classes,
+                             patch_nums=vae.patch_nums)
+    return vae, load_official_var(var_path, cfg)
 
 
 # ---- the project's own checkpoints ------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> None:
-    """Run write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -145,14 +137,14 @@ def read_model_info(path: str | os.PathLike) -> dict:
     return json.loads(meta.read_text())
 
 
-def load_model(path: str | os.PathLike, vae: VQVAE | None = None) -> VQVAE | VAR:
-    """Rebuild a model saved by save_model; a VAR gets the tokenizer attached for official-style sampling."""
+def load_model(path: str | os.PathLike) -> VQVAE | VAR:
+    """Rebuild a model saved by save_model."""
     weights, _ = _paths(path)
     info = read_model_info(path)
     if info.get("kind") == "vqvae":
         model = VQVAE(VQVAEConfig(**info["config"]))
     elif info.get("kind") == "var":
-        model = VAR(VARConfig(**info["config"]), vae_local=vae)
+        model = VAR(VARConfig(**info["config"]))
     else:
         raise CheckpointError(f"{weights}: unknown model kind {info.get('kind')!r}")
     state = load_file(weights)

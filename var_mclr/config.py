@@ -3,6 +3,10 @@
 A config file may name a parent with ``base: other.yaml`` (relative to itself); the child's keys are merged over
 the parent's. ``--set train.lr=1e-5`` overrides one key (the value is parsed as YAML). Unknown keys, wrong
 types and missing files are reported together, by dotted name.
+
+Each architecture is declared once: the ``tokenizer`` section is generated from tokenizer.model.VQVAEConfig and the
+``model`` section from var_mclr.model.VARConfig (minus what the tokenizer and the data decide: vocabulary, latent
+width, patch schedule, class count), each plus the path of the checkpoint to load.
 """
 from __future__ import annotations
 
@@ -14,7 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from var_mclr.losses import LOSSES
+from tokenizer.model import VQVAEConfig
+from var_mclr.files import write_text_atomic
+from var_mclr.kernels.logprob import IMPLS as LOGPROB_KERNELS
+from var_mclr.likelihood import NEGATIVE_MODES
+from var_mclr.model import VARConfig
+from var_mclr.objectives import OBJECTIVES, LossConfig
 
 
 class ConfigError(ValueError):
@@ -41,29 +50,41 @@ class DataConfig:
     cache_tokens: bool = True  # tokenize the whole dataset once (small datasets); else tokenize each batch
 
 
-@dataclass
-class TokenizerConfig:
-    checkpoint: str | None = None  # official vae_*.pth or our .safetensors; None only for tokenizer training
-    vocab_size: int = 4096
-    z_channels: int = 32
-    ch: int = 160
-    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    num_res_blocks: int = 2
-    share_quant_resi: int = 4
-    using_sa: bool = True
-    using_mid_sa: bool = True
-    v_patch_nums: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+def _section_from(arch_cls, name: str, extra: list[tuple[str, object, object]], exclude: tuple[str, ...] = ()):
+    """A config section holding every field of arch_cls (same names, types and defaults) except `exclude`,
+    plus `extra` (name, type, default) fields first."""
+    hints = typing.get_type_hints(arch_cls)
+    fields_ = [(n, tp, field(default=default)) for n, tp, default in extra]
+    for f in dataclasses.fields(arch_cls):
+        if f.name in exclude:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        fields_.append((f.name, hints[f.name], field(default=default)))
+    section = dataclasses.make_dataclass(name, fields_)
+    section.__module__ = __name__
+    return section
 
 
-@dataclass
-class ModelConfig:
-    init: str | None = None  # official var_d*.pth or our .safetensors; None = train from scratch
-    depth: int = 16
-    embed_dim: int = 1024
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    shared_aln: bool = False
-    attn_l2_norm: bool = True
+# Architecture keys of VARConfig that the run derives instead of declaring: vocabulary, latent width and patch
+# schedule come from the tokenizer, the class count from data.num_classes.
+VAR_DERIVED = ("vocab_size", "Cvae", "num_classes", "patch_nums")
+
+# tokenizer.checkpoint: official vae_*.pth or our .safetensors; None only for tokenizer training.
+TokenizerConfig = _section_from(VQVAEConfig, "TokenizerConfig", [("checkpoint", str | None, None)])
+# model.init: official var_d*.pth or our .safetensors; None = train from scratch.
+ModelConfig = _section_from(VARConfig, "ModelConfig", [("init", str | None, None)], exclude=VAR_DERIVED)
+
+
+def vqvae_config(section) -> VQVAEConfig:
+    """The tokenizer architecture a config's tokenizer section declares."""
+    return VQVAEConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(VQVAEConfig)})
+
+
+def var_config(section, vocab_size: int, Cvae: int, num_classes: int, patch_nums: tuple[int, ...]) -> VARConfig:
+    """The VAR architecture a config's model section declares, completed by the tokenizer and the data."""
+    declared = {f.name: getattr(section, f.name) for f in dataclasses.fields(VARConfig) if f.name not in VAR_DERIVED}
+    return VARConfig(vocab_size=vocab_size, Cvae=Cvae, num_classes=num_classes, patch_nums=tuple(patch_nums),
+                     **declared)
 
 
 @dataclass
@@ -90,40 +111,6 @@ class TrainConfig:
 
 
 @dataclass
-class MCLRConfig:
-    lam: float = 1.0
-    K: int = 1
-    tau: float | None = 0.05  # per-token cap on the log-ratio; null = uncapped (collapses: spec section 8)
-    negatives: str = "uniform"  # uniform | roll | null | mixed
-    smooth_cap: bool = False
-
-
-@dataclass
-class CCAConfig:
-    beta: float = 0.02
-    lam: float = 50.0
-    uncond_ratio: float = 0.1
-
-
-@dataclass
-class DPOConfig:
-    beta: float = 0.02
-
-
-@dataclass
-class UnlearningConfig:
-    lam: float = 1.0
-
-
-@dataclass
-class LossConfig:
-    mclr: MCLRConfig = field(default_factory=MCLRConfig)
-    cca: CCAConfig = field(default_factory=CCAConfig)
-    cc_dpo: DPOConfig = field(default_factory=DPOConfig)
-    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
-
-
-@dataclass
 class TokenizerTrainConfig:
     steps: int = 2000
     batch_size: int = 64
@@ -136,23 +123,32 @@ class TokenizerTrainConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # type: ignore[valid-type]
+    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(tree):
+    """Tuples as lists, so the tree dumps to YAML and JSON and compares equal to what was read back."""
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_plain(v) for v in tree]
+    return tree
 
 
 CHOICES = {
     "data.name": ("imagefolder", "mnist", "synthetic"),
-    "train.objective": LOSSES,
+    "train.objective": tuple(OBJECTIVES),
     "train.lr_schedule": ("cosine", "linear", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.kernels": ("auto", "naive", "chunked", "triton"),
-    "loss.mclr.negatives": ("uniform", "roll", "null", "mixed"),
+    "train.kernels": LOGPROB_KERNELS,
+    "loss.mclr.negatives": NEGATIVE_MODES,
 }
 
 
@@ -202,6 +198,9 @@ def _type_ok(value, tp) -> bool:
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is tuple:  # tuple[int, ...] in an architecture config: a YAML list
+        item = typing.get_args(tp)[0]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -237,6 +236,8 @@ def _build(cls, tree: dict, prefix: str, errors: list[str]):
             kwargs[key] = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         elif not _type_ok(value, tp):
             errors.append(f"{name} = {value!r} has the wrong type (expected {tp if isinstance(tp, type) else str(tp)})")
+        elif typing.get_origin(tp) is tuple:
+            kwargs[key] = tuple(value)
         else:
             kwargs[key] = float(value) if tp is float else value
     return cls(**kwargs)
@@ -284,4 +285,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), check
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

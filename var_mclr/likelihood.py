@@ -1,4 +1,4 @@
-"""Exact image log-likelihoods under VAR, evaluated under one or many classes (spec section 1).
+"""Exact image log-likelihoods under VAR, evaluated under one or many classes (docs/method.md, "Likelihood").
 
 l(x, c) = sum_t log softmax(z_theta(x, c)_t)[x_t] comes from one teacher-forced pass: VAR predicts every
 token of scale s from scales < s, so the whole sequence is scored at once and the result is exact (no
@@ -99,11 +99,12 @@ def sample_negatives(label_B: torch.Tensor, num_classes: int, K: int = 1, mode: 
                      generator: torch.Generator | None = None,
                      null_frac: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """K mismatched classes per sample: returns (neg_BK long, collision_BK bool with neg == label).
+    docs/method.md, "Negatives".
 
     Modes:
       uniform: uniform over the C-1 classes other than label (exact: draw r in [0, C-2] and skip the label,
                so no rejection loop and no bias). The K draws are independent (with replacement), as in the
-               spec's (1/K) sum_k, an unbiased estimate of the mean over all C-1 classes. A null-class
+               objective's (1/K) sum_k, an unbiased estimate of the mean over all C-1 classes. A null-class
                label (class-dropped sample) has no true class; its negatives are uniform over all C classes.
                Collisions are impossible.
       roll:    CCA's in-batch negatives, neg[b, k] = label[(b + k + 1) % B] (k = 0 is CCA's roll by one,

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer.model import VAR_256_PATCH_NUMS
 from var_mclr import kernels
 
 
@@ -34,7 +35,7 @@ class VARConfig:
     norm_eps: float = 1e-6
     shared_aln: bool = False
     attn_l2_norm: bool = True
-    patch_nums: tuple[int, ...] = field(default=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    patch_nums: tuple[int, ...] = field(default=VAR_256_PATCH_NUMS)
 
     @classmethod
     def official(cls, depth: int, **overrides) -> "VARConfig":
@@ -152,7 +153,9 @@ class SharedAdaLin(nn.Linear):
 
 
 class VAR(nn.Module):
-    def __init__(self, cfg: VARConfig | None = None, vae_local: nn.Module | None = None, **overrides):
+    def __init__(self, cfg: VARConfig | None = None, logprob_impl: str = "auto", **overrides):
+        """logprob_impl picks the token log-prob kernel behind forward(..., target_BL): auto | naive | chunked |
+        triton (var_mclr/kernels/logprob.py); it is not part of the architecture and never saved."""
         super().__init__()
         cfg = cfg or VARConfig()
         if overrides:
@@ -171,8 +174,7 @@ class VAR(nn.Module):
         for pn in self.patch_nums:
             self.begin_ends.append((start, start + pn * pn))
             start += pn * pn
-        # Kept outside the module tree so the tokenizer's weights never enter VAR's state dict.
-        self.vae_proxy = (vae_local,)
+        self.logprob_impl = kernels.logprob.check_impl(logprob_impl)
 
         init_std = math.sqrt(1 / self.C / 3)
         self.word_embed = nn.Linear(self.Cvae, self.C)
@@ -201,11 +203,15 @@ class VAR(nn.Module):
         self.head = nn.Linear(self.C, self.V)
 
     # ---- inputs ---------------------------------------------------------------------------------------------
-    def check_labels(self, label_B: torch.Tensor) -> None:
+    def check_labels(self, label_B: torch.Tensor, check_range: bool | None = None) -> None:
+        """Shape and dtype always; the id range by default only for CPU tensors, where reading it costs no
+        device sync (the trainer checks its dataset's labels once; the sampler checks each batch)."""
         if label_B.ndim != 1 or label_B.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"label_B must be a 1-D integer tensor, "
                              f"got {label_B.dtype} of shape {tuple(label_B.shape)}")
-        if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
+        if check_range is None:
+            check_range = label_B.device.type == "cpu"
+        if check_range and label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
             raise ValueError(f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
                              f"got range [{int(label_B.min())}, {int(label_B.max())}]")
 
@@ -248,7 +254,7 @@ class VAR(nn.Module):
         h_BLC = self.head_hidden(label_B, x_BLCv_wo_first_l)
         if target_BL is None:
             return self.head(h_BLC).float()
-        return kernels.token_logprobs(h_BLC, self.head.weight, self.head.bias, target_BL)
+        return kernels.token_logprobs(h_BLC, self.head.weight, self.head.bias, target_BL, impl=self.logprob_impl)
 
     # ---- one scale of KV-cached sampling --------------------------------------------------------------------
     def forward_scale(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, block_cond: torch.Tensor,
@@ -257,17 +263,6 @@ class VAR(nn.Module):
         for block, cache in zip(self.blocks, caches):
             x_BlC = block(x_BlC, block_cond, None, cache)
         return self.head(self.head_nm(x_BlC.float(), cond_BD.float())).float()
-
-    @torch.no_grad()
-    def autoregressive_infer_cfg(self, B: int, label_B: torch.Tensor | int | None, g_seed: int | None = None,
-                                 cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-                                 more_smooth: bool = False) -> torch.Tensor:
-        """Official-compatible sampler: images in [0, 1]. cfg=0 samples guidance-free with a single pass."""
-        from var_mclr.sampling import sample_images_official
-
-        if more_smooth:
-            raise ValueError("more_smooth (Gumbel-softmax visualisation) is not supported; use more_smooth=False")
-        return sample_images_official(self, B, label_B, g_seed, cfg, top_k, top_p)
 
     # ---- initialisation (official recipe) -------------------------------------------------------------------
     @torch.no_grad()

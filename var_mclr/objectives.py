@@ -1,21 +1,58 @@
-"""What each training objective evaluates: which classes each image is scored under, and which loss reads them.
+"""The registry of training objectives: one entry per objective says which classes each image is scored under,
+whether a frozen reference model is needed, and which loss reads the log-likelihoods (docs/method.md, "MCLR
+objective" and "Baselines"). The trainer, the config checker and the benchmarks all read OBJECTIVES; an unknown
+name is an error.
 
 Randomness (class dropout, mismatched classes) is drawn for the global batch from a generator seeded by the step,
 then each process takes its slice: one process or many, resumed or not, every sample sees the same classes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from var_mclr import losses
-from var_mclr.config import Config
-from var_mclr.likelihood import cca_labels, loglik_under_classes, sample_negatives
-
-NEEDS_REFERENCE = ("cca", "cc_dpo", "unlearning")
+from var_mclr.likelihood import NEGATIVE_MODES, cca_labels, loglik_under_classes, sample_negatives
 
 
+# ---- the loss sections of a run config -------------------------------------------------------------------------
+@dataclass
+class MCLRConfig:
+    lam: float = 1.0
+    K: int = 1
+    tau: float | None = 0.05  # per-token cap on the log-ratio; null = uncapped (collapses: docs/method.md, "The cap")
+    negatives: str = "uniform"  # uniform | roll | null | mixed
+    smooth_cap: bool = False
+
+
+@dataclass
+class CCAConfig:
+    beta: float = 0.02
+    lam: float = 50.0
+    uncond_ratio: float = 0.1
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.02
+
+
+@dataclass
+class UnlearningConfig:
+    lam: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    mclr: MCLRConfig = field(default_factory=MCLRConfig)
+    cca: CCAConfig = field(default_factory=CCAConfig)
+    cc_dpo: DPOConfig = field(default_factory=DPOConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+
+
+# ---- which classes each image is scored under ----------------------------------------------------------------
 @dataclass
 class ClassPlan:
     classes_BK: torch.Tensor  # column 0: the positive class; columns 1..: the classes it is contrasted with
@@ -25,40 +62,107 @@ class ClassPlan:
         return ClassPlan(self.classes_BK[sl], self.mask_BK[sl])
 
 
-def plan_classes(cfg: Config, label_G: torch.Tensor, generator: torch.Generator) -> ClassPlan:
-    objective, C = cfg.train.objective, cfg.data.num_classes
-    if objective == "nll":
-        drop_G = torch.rand(label_G.shape, generator=generator) < cfg.train.class_dropout
-        pos_G = torch.where(drop_G, torch.full_like(label_G, C), label_G)
-        return ClassPlan(pos_G.unsqueeze(1), torch.zeros_like(pos_G, dtype=torch.bool).unsqueeze(1))
-    if objective == "mclr":
-        m = cfg.loss.mclr
-        neg_GK, collision_GK = sample_negatives(label_G, C, K=m.K, mode=m.negatives, generator=generator)
-        no_flag = torch.zeros_like(label_G, dtype=torch.bool).unsqueeze(1)
-        return ClassPlan(torch.cat((label_G.unsqueeze(1), neg_GK), 1), torch.cat((no_flag, collision_GK), 1))
-    uncond_ratio = cfg.loss.cca.uncond_ratio if objective == "cca" else 0.0
-    pos_G, neg_G, neg_is_pos_G = cca_labels(label_G, C, uncond_ratio=uncond_ratio, generator=generator)
+def _no_flags(label_G: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(label_G, dtype=torch.bool).unsqueeze(1)
+
+
+def plan_nll(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
+             generator: torch.Generator) -> ClassPlan:
+    drop_G = torch.rand(label_G.shape, generator=generator) < class_dropout
+    pos_G = torch.where(drop_G, torch.full_like(label_G, num_classes), label_G)
+    return ClassPlan(pos_G.unsqueeze(1), _no_flags(pos_G))
+
+
+def plan_mclr(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
+              generator: torch.Generator) -> ClassPlan:
+    m = cfg.mclr
+    neg_GK, collision_GK = sample_negatives(label_G, num_classes, K=m.K, mode=m.negatives, generator=generator)
+    return ClassPlan(torch.cat((label_G.unsqueeze(1), neg_GK), 1), torch.cat((_no_flags(label_G), collision_GK), 1))
+
+
+def _plan_pairs(uncond_ratio: float, label_G: torch.Tensor, num_classes: int,
+                generator: torch.Generator) -> ClassPlan:
+    pos_G, neg_G, neg_is_pos_G = cca_labels(label_G, num_classes, uncond_ratio=uncond_ratio, generator=generator)
     return ClassPlan(torch.stack((pos_G, neg_G), 1), torch.stack((torch.zeros_like(neg_is_pos_G), neg_is_pos_G), 1))
 
 
-def objective_loss(cfg: Config, var, ref, plan: ClassPlan, idx_BL: torch.Tensor,
+def plan_cca(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
+             generator: torch.Generator) -> ClassPlan:
+    return _plan_pairs(cfg.cca.uncond_ratio, label_G, num_classes, generator)
+
+
+def plan_pairs_unmasked(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
+                        generator: torch.Generator) -> ClassPlan:
+    return _plan_pairs(0.0, label_G, num_classes, generator)
+
+
+# ---- the losses, reading l(x, c) of every planned row ---------------------------------------------------------
+def loss_nll(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
+    return losses.nll_loss(l_BK[:, 0], L)
+
+
+def loss_mclr(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
+    m = cfg.mclr
+    return losses.mclr_loss(l_BK[:, 0], l_BK[:, 1:], L, lam=m.lam, tau=m.tau, smooth_cap=m.smooth_cap,
+                            exclude_BK=mask_BK[:, 1:])
+
+
+def _pair(l_BK: torch.Tensor, lref_BK: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return l_BK[:, 0], lref_BK[:, 0], l_BK[:, 1], lref_BK[:, 1]
+
+
+def loss_cca(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
+    return losses.cca_loss(*_pair(l_BK, lref_BK), beta=cfg.cca.beta, lam_cca=cfg.cca.lam,
+                           neg_is_pos_mask_B=mask_BK[:, 1])
+
+
+def loss_cc_dpo(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
+    return losses.cc_dpo_loss(*_pair(l_BK, lref_BK), beta=cfg.cc_dpo.beta)
+
+
+def loss_unlearning(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor,
+                    L: int):
+    return losses.unlearning_loss(*_pair(l_BK, lref_BK), lam=cfg.unlearning.lam, neg_is_pos_mask_B=mask_BK[:, 1])
+
+
+# ---- the registry ---------------------------------------------------------------------------------------------
+Planner = Callable[[LossConfig, torch.Tensor, int, float, torch.Generator], ClassPlan]
+LossFn = Callable[[LossConfig, torch.Tensor, "torch.Tensor | None", torch.Tensor, int],
+                  tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    plan: Planner  # (loss config, global labels, num_classes, class_dropout, generator) -> classes to score
+    loss: LossFn  # (loss config, l_BK, reference l_BK or None, flags, L) -> (loss, stats)
+    needs_reference: bool = False  # a frozen copy of the starting model scores the same rows without gradients
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective("nll", plan_nll, loss_nll),
+    Objective("mclr", plan_mclr, loss_mclr),
+    Objective("cca", plan_cca, loss_cca, needs_reference=True),
+    Objective("cc_dpo", plan_pairs_unmasked, loss_cc_dpo, needs_reference=True),
+    Objective("unlearning", plan_pairs_unmasked, loss_unlearning, needs_reference=True),
+)}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"train.objective = {name!r} is not one of {tuple(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def objective_loss(objective: Objective, cfg: LossConfig, var, ref, plan: ClassPlan, idx_BL: torch.Tensor,
                    x_BLCv: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One teacher-forced pass over every (image, class) row of the plan, then the objective's loss."""
-    objective, L = cfg.train.objective, idx_BL.shape[1]
     classes_BK = plan.classes_BK.to(idx_BL.device)
     mask_BK = plan.mask_BK.to(idx_BL.device)
     l_BK = loglik_under_classes(var, classes_BK, x_BLCv, idx_BL)
-    if objective == "nll":
-        return losses.nll_loss(l_BK[:, 0], L)
-    if objective == "mclr":
-        m = cfg.loss.mclr
-        return losses.mclr_loss(l_BK[:, 0], l_BK[:, 1:], L, lam=m.lam, tau=m.tau, smooth_cap=m.smooth_cap,
-                                exclude_BK=mask_BK[:, 1:])
-    with torch.no_grad():
-        lref_BK = loglik_under_classes(ref, classes_BK, x_BLCv, idx_BL)
-    pair = (l_BK[:, 0], lref_BK[:, 0], l_BK[:, 1], lref_BK[:, 1])
-    if objective == "cca":
-        return losses.cca_loss(*pair, beta=cfg.loss.cca.beta, lam_cca=cfg.loss.cca.lam, neg_is_pos_mask_B=mask_BK[:, 1])
-    if objective == "cc_dpo":
-        return losses.cc_dpo_loss(*pair, beta=cfg.loss.cc_dpo.beta)
-    return losses.unlearning_loss(*pair, lam=cfg.loss.unlearning.lam, neg_is_pos_mask_B=mask_BK[:, 1])
+    lref_BK = None
+    if objective.needs_reference:
+        with torch.no_grad():
+            lref_BK = loglik_under_classes(ref, classes_BK, x_BLCv, idx_BL)
+    return objective.loss(cfg, l_BK, lref_BK, mask_BK, idx_BL.shape[1])
+

@@ -6,11 +6,14 @@ guidance="cfg" stacks the conditional and null-class rows (2B) and mixes logits 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from tokenizer.model import VQVAE
 from var_mclr.kernels import guided_sample
+from var_mclr.kernels.sampling import IMPLS as SAMPLING_KERNELS
 from var_mclr.model import VAR, KVCache
 
 SCHEDULES = ("linear", "constant")
@@ -23,6 +26,7 @@ class SamplingConfig:
     cfg_schedule: str = "linear"
     top_k: int = 0
     top_p: float = 0.0
+    kernel: str = "auto"  # auto | naive | torch | triton: the guided sampling step (var_mclr/kernels/sampling.py)
 
     def __post_init__(self):
         if self.guidance not in ("none", "cfg"):
@@ -31,6 +35,10 @@ class SamplingConfig:
             raise ValueError(f"cfg_schedule must be one of {SCHEDULES}, got {self.cfg_schedule!r}")
         if self.top_k < 0 or not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        if self.kernel not in SAMPLING_KERNELS:
+            raise ValueError(f"kernel must be one of {SAMPLING_KERNELS}, got {self.kernel!r}")
 
     def guidance_at(self, si: int, num_scales: int) -> float:
         if self.guidance == "none":
@@ -53,7 +61,7 @@ class SampleResult:
 def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfig,
                   generator: torch.Generator | None = None, keep_logits: bool = False) -> SampleResult:
     """Sample every scale of a token pyramid for the given classes."""
-    var.check_labels(label_B)
+    var.check_labels(label_B, check_range=True)  # once per batch, before any work
     if tuple(quantizer.v_patch_nums) != tuple(var.patch_nums):
         raise ValueError(f"tokenizer patch_nums {quantizer.v_patch_nums} != VAR patch_nums {var.patch_nums}")
     B, S = label_B.shape[0], len(var.patch_nums)
@@ -72,7 +80,8 @@ def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfi
             result.logits_cond_BlV.append(logits_cond.clone())
             if guided:
                 result.logits_null_BlV.append(logits_null.clone())
-        idx_Bl = guided_sample(logits_cond, logits_null, cfg.guidance_at(si, S), cfg.top_k, cfg.top_p, generator)
+        idx_Bl = guided_sample(logits_cond, logits_null, cfg.guidance_at(si, S), cfg.top_k, cfg.top_p, generator,
+                               impl=cfg.kernel)
         result.idx_Bl.append(idx_Bl)
         h_BChw = quantizer.embedding(idx_Bl).transpose(1, 2).reshape(B, var.Cvae, pn, pn)
         f_hat, next_BChw = quantizer.get_next_autoregressive_input(si, S, f_hat, h_BChw)
@@ -86,7 +95,7 @@ def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfi
 
 
 @torch.no_grad()
-def sample_images(var: VAR, vae, label_B: torch.Tensor, cfg: SamplingConfig,
+def sample_images(var: VAR, vae: VQVAE, label_B: torch.Tensor, cfg: SamplingConfig,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Images in [-1, 1] (B, 3, H, W) and their token maps."""
     result = sample_tokens(var, vae.quantize, label_B, cfg, generator)
@@ -94,22 +103,21 @@ def sample_images(var: VAR, vae, label_B: torch.Tensor, cfg: SamplingConfig,
 
 
 @torch.no_grad()
-def sample_images_official(var: VAR, B: int, label_B, g_seed, cfg_scale: float, top_k: int,
-                           top_p: float) -> torch.Tensor:
-    """VAR.autoregressive_infer_cfg semantics: label None = uniform random classes, int = one class for all
-    (negative = null class), cfg is the linear-ramp scale (0 = no null-class pass), images in [0, 1]."""
-    vae = var.vae_proxy[0]
-    if vae is None:
-        raise ValueError("autoregressive_infer_cfg needs the tokenizer: build VAR(..., vae_local=vae)")
+def autoregressive_infer_cfg(var: VAR, vae: VQVAE, B: int, label_B: torch.Tensor | int | None,
+                             g_seed: int | None = None, cfg: float = 1.5, top_k: int = 0,
+                             top_p: float = 0.0) -> torch.Tensor:
+    """The official VAR.autoregressive_infer_cfg, as a function of (var, vae): images in [0, 1].
+
+    label_B None = uniform random classes, an int = that class for all rows (negative: the null class); cfg is the
+    linear-ramp scale, and cfg = 0 samples guidance-free with a single pass per scale.
+    """
     device = var.lvl_1L.device
-    generator = None
-    if g_seed is not None:
-        generator = torch.Generator(device=device).manual_seed(g_seed)
+    generator = None if g_seed is None else torch.Generator(device=device).manual_seed(g_seed)
     if label_B is None:
         label_B = torch.randint(0, var.num_classes, (B,), generator=generator, device=device)
     elif isinstance(label_B, int):
         label_B = torch.full((B,), var.num_classes if label_B < 0 else label_B, device=device, dtype=torch.long)
-    guidance = "cfg" if cfg_scale != 0 else "none"
-    sampling = SamplingConfig(guidance=guidance, cfg_scale=cfg_scale, cfg_schedule="linear", top_k=top_k, top_p=top_p)
+    sampling = SamplingConfig(guidance="cfg" if cfg != 0 else "none", cfg_scale=cfg, cfg_schedule="linear",
+                              top_k=top_k, top_p=top_p)
     images, _ = sample_images(var, vae, label_B.to(device), sampling, generator)
     return images.add(1).mul(0.5)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, TensorDataset
 
 from tokenizer.model import VQVAE
-from var_mclr.checkpoints import atomic_write
+from var_mclr.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from var_mclr import kernels
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy
 from var_mclr.checkpoints import save_model
 from var_mclr.config import Config, load_config, save_config
 from var_mclr.data import build_dataset
-from var_mclr.objectives import NEEDS_REFERENCE, objective_loss, plan_classes
+from var_mclr.objectives import get_objective, objective_loss
 from var_mclr.tokens import TokenStore
 from var_mclr.train_state import checkpoint_dirs, load_training_state, save_training_state
 
@@ -99,13 +97,28 @@ def make_optimizer(cfg: Config, var: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
 
+@contextlib.contextmanager
+def flushing_denormals(enabled: bool):
+    """CPU: treat subnormal floats as zero while training (train.flush_denormal), and restore torch's default."""
+    if not enabled:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def train(cfg: Config) -> Path:
     """Run (or resume) the configured training; returns the path of the final weights."""
+    with flushing_denormals(cfg.train.flush_denormal):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> Path:
     t = cfg.train
-    if t.kernels != "auto":  # the kernels read their override from the environment, in every process
-        os.environ[kernels.logprob.ENV_VAR] = t.kernels
-    if t.flush_denormal:
-        torch.set_flush_denormal(True)
+    objective = get_objective(t.objective)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.run.out_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -113,7 +126,7 @@ def train(cfg: Config) -> Path:
     set_seed(cfg.run.seed)  # the same fresh initialisation on every process and every rerun
     vae = build_tokenizer(cfg).to(device)
     var = build_var(cfg, vae).to(device)
-    ref = frozen_copy(var).to(device) if t.objective in NEEDS_REFERENCE else None
+    ref = frozen_copy(var).to(device) if objective.needs_reference else None
     dataset = build_dataset(_dataset_args(cfg), "train")
     if dataset.num_classes != cfg.data.num_classes:
         raise ValueError(f"the dataset has {dataset.num_classes} classes "
@@ -122,6 +135,9 @@ def train(cfg: Config) -> Path:
     with accelerator.main_process_first():  # one process encodes the token cache, the others then read it
         tokens = TokenStore(dataset, vae, device, cache_dir=str(out_dir.parent / "token_cache")
                             if cfg.data.cache_tokens else None, data_key=data_key, with_flips=cfg.data.hflip)
+    if len(tokens.labels_N) and (int(tokens.labels_N.min()) < 0 or int(tokens.labels_N.max()) >= var.num_classes):
+        raise ValueError(f"dataset labels span [{int(tokens.labels_N.min())}, {int(tokens.labels_N.max())}] but the "
+                         f"model has {var.num_classes} classes")  # checked once: the forward pass never syncs for it
 
     optimizer = make_optimizer(cfg, var)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -158,26 +174,27 @@ def train(cfg: Config) -> Path:
     for step in progress:
         tic = time.perf_counter()
         var.train()
-        stats_sum: dict[str, float] = {}
-        finite = True
+        stats_sum: dict[str, torch.Tensor] = {}
+        loss_sum = torch.zeros((), device=device)
         for micro in range(t.grad_accum):
             gen = step_generator(cfg.run.seed, step, micro)
             idx_G = batch_indices(cfg.run.seed, step * t.grad_accum + micro, global_batch, len(tokens))
-            plan = plan_classes(cfg, tokens.labels_N[idx_G], gen)
+            plan = objective.plan(cfg.loss, tokens.labels_N[idx_G], cfg.data.num_classes, t.class_dropout, gen)
             flip_G = (torch.rand(global_batch, generator=gen) < 0.5) if cfg.data.hflip else None
             mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
             idx_BL, x_BLCv = tokens.batch(idx_G[mine], None if flip_G is None else flip_G[mine],
                                           None if images is None else next(images)[0])
             sync = accelerator.no_sync(var) if micro < t.grad_accum - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                loss, stats = objective_loss(cfg, var, ref, plan.slice(mine), idx_BL, x_BLCv)
-                finite &= bool(accelerator.reduce(torch.isfinite(loss.detach()).float(), "min") > 0)
-                if finite:
-                    accelerator.backward(loss / t.grad_accum)
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(accelerator.reduce(v.to(device), "mean")) / t.grad_accum
-        grad_norm = accelerator.clip_grad_norm_(var.parameters(), t.grad_clip) if finite else torch.tensor(math.nan)
-        finite &= bool(torch.isfinite(torch.as_tensor(grad_norm)))
+                loss, stats = objective_loss(objective, cfg.loss, var, ref, plan.slice(mine), idx_BL, x_BLCv)
+                accelerator.backward(loss / t.grad_accum)
+            loss_sum += loss.detach()
+            for k, v in stats.items():  # kept on the device; reduced across processes only at log steps
+                stats_sum[k] = stats_sum.get(k, 0.0) + v.detach() / t.grad_accum
+        # One host sync per step decides whether to update: a non-finite loss on any process, or a non-finite
+        # gradient norm (the same on every process after DDP's all-reduce), skips the step.
+        grad_norm = accelerator.clip_grad_norm_(var.parameters(), t.grad_clip)
+        finite = bool(torch.isfinite(accelerator.reduce(loss_sum, "sum")) & torch.isfinite(torch.as_tensor(grad_norm)))
         if finite:
             optimizer.step()
             nonfinite_in_row = 0
@@ -195,14 +212,16 @@ def train(cfg: Config) -> Path:
         scheduler.step()
 
         dt = time.perf_counter() - tic
+        if step % cfg.run.log_every == 0 or step == t.steps - 1:
+            stats_mean = {k: float(accelerator.reduce(v, "mean")) for k, v in stats_sum.items()}  # all processes
         if writer is not None and (step % cfg.run.log_every == 0 or step == t.steps - 1):
-            scalars = {**stats_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+            scalars = {**stats_mean, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": global_batch * t.grad_accum * model.L / dt, "nonfinite_total": nonfinite_total}
             for k, v in scalars.items():
                 writer.add_scalar(f"train/{k}", v, step)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
-            progress.set_postfix({k: f"{stats_sum[k]:.4f}" for k in list(stats_sum)[:4]})
+            progress.set_postfix({k: f"{stats_mean[k]:.4f}" for k in list(stats_mean)[:4]})
             log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
         done = step + 1
         if done % cfg.run.ckpt_every == 0 or done == t.steps:

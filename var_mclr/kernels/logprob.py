@@ -19,15 +19,13 @@ gets float32 logits on CUDA (mm out_dtype) and, on the CPU, logits rounded to bf
 only bf16 matmul the CPU offers; upcasting instead would cost 4x the time). The gradient tile is rounded to
 the input dtype before the dh/dW matmuls. Gradients are returned in the inputs' dtypes.
 
-Dispatch: impl="auto" picks triton for CUDA tensors (when triton imports) and chunked otherwise. The
-environment variable VAR_MCLR_KERNELS=naive|chunked|triton|auto decides what "auto" means, so a user can
-force the reference path without touching configs; an explicit impl argument always wins.
+Dispatch: impl="auto" picks triton for CUDA tensors (when triton imports) and chunked otherwise. The choice is
+an explicit argument (config train.kernels -> VAR(logprob_impl=...)), never process-wide state.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 IMPLS = ("auto", "naive", "chunked", "triton")
-ENV_VAR = "VAR_MCLR_KERNELS"
 
 # Elements of float32 logits per chunk: 4M = 16 MiB, i.e. 1024 rows at V = 4096. Fewer, larger chunks keep
 # the matmuls efficient and, on a busy 2-core CPU, give fewer parallel regions to stall (8 MiB chunks were
@@ -52,15 +49,15 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map "auto" (and the env override) to a concrete implementation name."""
+def check_impl(impl: str) -> str:
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if impl not in IMPLS:
-            raise ValueError(f"{ENV_VAR} must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
+        raise ValueError(f"the token log-prob kernel must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map "auto" to a concrete implementation name for tensors on `device`."""
+    if check_impl(impl) == "auto":
         if device.type == "cuda":
             if _triton_available():
                 return "triton"

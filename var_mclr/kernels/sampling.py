@@ -20,19 +20,17 @@ Implementations (same distribution, different random streams; each is determinis
             the logits' order-preserving integer keys, and samples by Gumbel-max with a seed drawn from the
             generator. Nothing row-sized is written to global memory except the sampled ids.
 impl="auto" -> triton for CUDA tensors (when triton imports and V fits a register tile), torch otherwise. The
-env var VAR_MCLR_KERNELS also steers "auto" here: naive -> naive, chunked -> torch, triton -> triton.
+choice is an explicit argument (SamplingConfig.kernel), never process-wide state.
 """
 
 from __future__ import annotations
 
-import os
 
 import torch
 
-from var_mclr.kernels.logprob import ENV_VAR, _triton_available
+from var_mclr.kernels.logprob import _triton_available
 
 IMPLS = ("auto", "naive", "torch", "triton")
-_ENV_TO_IMPL = {"auto": "auto", "naive": "naive", "chunked": "torch", "torch": "torch", "triton": "triton"}
 # Rows per chunk in the torch path: 512 rows x V=4096 float32 = 8 MiB of mixed logits at a time.
 _CHUNK_ELEMS = 1 << 21
 TRITON_MAX_V = 16384  # a whole row lives in registers in the Triton kernel
@@ -41,11 +39,6 @@ TRITON_MAX_V = 16384  # a whole row lives in registers in the Triton kernel
 def resolve_impl(impl: str, device: torch.device, V: int) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        if env not in _ENV_TO_IMPL:
-            raise ValueError(f"{ENV_VAR} must be one of {tuple(_ENV_TO_IMPL)}, got {env!r}")
-        impl = _ENV_TO_IMPL[env]
     if impl == "auto":
         if device.type == "cuda" and V <= TRITON_MAX_V and _triton_available():
             return "triton"

@@ -2,7 +2,7 @@
 
     tokenizer -> base VAR (nll, 10% class dropout) -> fine-tune: nll control | MCLR | CCA -> compare
 
-    python eval/demo.py [--seeds 0 1 2] [--num-samples 5000]
+    python -m experiments.demo [--seeds 0 1 2] [--num-samples 5000]
 
 Each stage's output directory is named by a hash of its resolved config, so a rerun repeats only the stages whose
 config changed and nothing finished is ever overwritten. Training seeds repeat the base pretraining and every
@@ -16,19 +16,16 @@ import hashlib
 import json
 import logging
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: eval.* importable
+from eval.compare import COLUMNS, compare
+from eval.settings import EvalSettings
+from var_mclr.config import Config, load_config
+from var_mclr.files import write_text_atomic
+from var_mclr.train import train
+from var_mclr.train_tokenizer import train_tokenizer
 
-from eval.compare import COLUMNS, compare  # noqa: E402
-from eval.fid import build_parser  # noqa: E402
-from tokenizer.train import train_tokenizer  # noqa: E402
-from var_mclr.checkpoints import atomic_write  # noqa: E402
-from var_mclr.config import Config, load_config  # noqa: E402
-from var_mclr.train import train  # noqa: E402
-
-log = logging.getLogger("eval.demo")
+log = logging.getLogger("experiments.demo")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mnist"
 FINETUNES = ("nll", "mclr", "cca")
 
@@ -87,8 +84,8 @@ def summarise(per_seed: list[list[dict]], out: Path) -> str:
             cells.append(f"{mean:.4g} ± {spread:.2g}" if len(vals) > 1 else f"{mean:.4g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(table))
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    write_text_atomic(out / "summary.md", table)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return table
 
 
@@ -105,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     per_seed, outs = [], []
     for seed in args.seeds:
         paths = pipeline(root, seed, args.set)
-        common = build_parser().parse_args(["--ckpt", str(paths["base"]), "--num-samples", str(args.num_samples),
-                                            "--cache-dir", str(root / "cache")])
+        common = EvalSettings(ckpt=str(paths["base"]), num_samples=args.num_samples, cache_dir=str(root / "cache"))
         key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), args.cfg_scales])
                              .encode()).hexdigest()[:8]
         out = root / f"compare-s{seed}-n{args.num_samples}-{key}"  # new models or settings: a new directory

@@ -1,6 +1,6 @@
 """Train a multi-scale VQ-VAE tokenizer on the configured dataset (the embedded demo's own tokenizer).
 
-    python -m tokenizer.train --cfg configs/mnist/tokenizer.yaml
+    python -m var_mclr.train_tokenizer --cfg configs/mnist/tokenizer.yaml
 
 Losses need no downloaded network: L1 + L2 reconstruction plus the quantiser's commitment/codebook loss. The
 codebook is initialised from encoder outputs and unused codes are re-seeded from the current batch, so usage
@@ -20,12 +20,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from tokenizer.model import VQVAE
-from var_mclr.builders import tokenizer_config
 from var_mclr.checkpoints import save_model
-from var_mclr.config import Config, load_config
+from var_mclr.config import Config, load_config, vqvae_config
 from var_mclr.data import build_dataset
 
-log = logging.getLogger("tokenizer.train")
+log = logging.getLogger("var_mclr.train_tokenizer")
 
 
 @torch.no_grad()
@@ -47,7 +46,7 @@ def train_tokenizer(cfg: Config) -> Path:
         raise FileExistsError(f"{out} exists; choose another run.out_dir (nothing was overwritten)")
     torch.manual_seed(cfg.run.seed)
     tc = cfg.tokenizer_train
-    vae = VQVAE(tokenizer_config(cfg))
+    vae = VQVAE(vqvae_config(cfg.tokenizer))
     if vae.resolution != cfg.data.resolution:
         raise ValueError(f"the tokenizer's patch schedule and downsampling give {vae.resolution}px images but "
                          f"data.resolution is {cfg.data.resolution}")

@@ -1,6 +1,6 @@
 """Tune each fine-tuning objective with the same budget: a small grid per method, scored guidance-free.
 
-    python eval/sweep.py --seed 0 --num-samples 2000
+    python -m experiments.sweep --seed 0 --num-samples 2000
 
 Uses the embedded demo's tokenizer and base (trained first if missing), fine-tunes one run per grid point with the
 demo's steps, batch and learning rate, samples guidance-free and writes runs/mnist/sweep-s{seed}/sweep.md. The
@@ -10,28 +10,28 @@ reported beside it so that a choice bought with lost diversity is visible.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: eval.* importable
+import torch
+from accelerate import Accelerator
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
+from eval.compare import fmt
+from eval.fid import evaluate, feature_backend
+from eval.sampling_run import load_for_eval
+from eval.separation import separation
+from eval.settings import EvalSettings
+from experiments.demo import pipeline, run_stage, stage
+from var_mclr.checkpoints import read_model_info
+from var_mclr.data import build_dataset
+from var_mclr.files import write_text_atomic
+from var_mclr.train import train
 
-from eval.compare import fmt  # noqa: E402
-from eval.demo import pipeline, run_stage, stage  # noqa: E402
-from eval.fid import build_parser, evaluate, feature_backend  # noqa: E402
-from eval.sampling_run import load_for_eval  # noqa: E402
-from eval.separation import separation  # noqa: E402
-from var_mclr.checkpoints import atomic_write, read_model_info  # noqa: E402
-from var_mclr.data import build_dataset  # noqa: E402
-from var_mclr.train import train  # noqa: E402
+log = logging.getLogger("experiments.sweep")
 
-log = logging.getLogger("eval.sweep")
-
-# The same number of grid points for every method (spec section 8: every method needs the same tuning budget).
+# The same number of grid points for every method, chosen before running (every method gets the same budget).
 GRID = {
     "mclr": [["loss.mclr.lam=1", "loss.mclr.tau=2"], ["loss.mclr.lam=3", "loss.mclr.tau=2"],
              ["loss.mclr.lam=1", "loss.mclr.tau=5"], ["loss.mclr.lam=3", "loss.mclr.tau=5"],
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     root = Path(args.root)
     base = pipeline(root, args.seed, [])["base"]
-    common = build_parser().parse_args(["--ckpt", str(base), "--num-samples", str(args.num_samples),
-                                        "--cache-dir", str(root / "cache")])
+    common = EvalSettings(ckpt=str(base), num_samples=args.num_samples, cache_dir=str(root / "cache"))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     vae, _, _ = load_for_eval(str(base))
     net, ref = feature_backend(common, vae.resolution, accelerator.device)
@@ -71,15 +70,15 @@ def main(argv: list[str] | None = None) -> None:
             if row_file.is_file():  # this point was trained and scored by an earlier sweep
                 metrics = json.loads(row_file.read_text())
             else:
-                run = argparse.Namespace(**{**vars(common), "ckpt": str(path), "out_dir": str(row_file.parent)})
+                run = dataclasses.replace(common, ckpt=str(path), out_dir=str(row_file.parent))
                 metrics = evaluate(run, net, ref, accelerator)["metrics"]
                 vae_m, var_m, _ = load_for_eval(str(path))
                 metrics.update(separation(var_m, vae_m, *heldout))
-                atomic_write(row_file, lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
+                write_text_atomic(row_file, json.dumps(metrics))
             lines.append(f"| {method} | {' '.join(point)} | " + " | ".join(fmt(metrics.get(k)) for k in COLUMNS) + " |")
             log.info("%s %s: %s", method, point, {k: metrics.get(k) for k in COLUMNS})
     table = "\n".join(lines) + "\n"
-    atomic_write(out / "sweep.md", lambda tmp: Path(tmp).write_text(table))
+    write_text_atomic(out / "sweep.md", table)
     print(table)
 
 

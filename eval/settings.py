@@ -1,0 +1,71 @@
+"""The settings of one evaluation run, typed, and the command-line flags that fill them (eval/fid.py, compare.py)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from eval.features import FEATURE_NETWORKS
+from var_mclr.sampling import SCHEDULES, SamplingConfig
+
+
+@dataclass
+class EvalSettings:
+    ckpt: str | None = None  # our VAR .safetensors, or an official var_d*.pth
+    tokenizer: str | None = None  # tokenizer .safetensors (default: the one the VAR was trained with)
+    official_vae: str | None = None  # official vae_ch160v4096z32.pth (with an official ckpt)
+    depth: int | None = None  # VAR depth of an official ckpt
+    num_classes: int = 1000  # classes of an official ckpt
+    guidance: str = "none"  # none | cfg
+    cfg_scale: float = 1.5
+    cfg_schedule: str = "linear"
+    top_k: int = 0
+    top_p: float = 0.0
+    num_samples: int = 5000
+    batch_size: int = 500
+    seed: int = 0
+    features: str = "mnist"  # mnist | inception | dinov2
+    inception_weights: str | None = None  # local Inception-v3 weights file (never downloaded)
+    dinov2_path: str | None = None  # local DINOv2 directory (transformers) or weights file (timm)
+    reference: str | None = None  # reference .npz: ADM batch (arr_0 images) and/or mu, sigma
+    cache_dir: str = "runs/cache"  # where the embedded eval classifier is cached
+    out_dir: str = "runs/eval/latest"
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(guidance=self.guidance, cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule,
+                              top_k=self.top_k, top_p=self.top_p)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> argparse.ArgumentParser:
+    """The flags of EvalSettings (with --ckpt unless the caller names its models otherwise)."""
+    d = EvalSettings()
+    if with_ckpt:
+        p.add_argument("--ckpt", required=True, help="our VAR .safetensors, or an official var_d*.pth")
+    p.add_argument("--tokenizer", help="tokenizer .safetensors (default: the one the VAR was trained with)")
+    p.add_argument("--official-vae", help="official vae_ch160v4096z32.pth (with an official --ckpt)")
+    p.add_argument("--depth", type=int, help="VAR depth of an official --ckpt")
+    p.add_argument("--num-classes", type=int, default=d.num_classes, help="classes of an official --ckpt")
+    p.add_argument("--guidance", choices=("none", "cfg"), default=d.guidance)
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
+    p.add_argument("--cfg-schedule", choices=SCHEDULES, default=d.cfg_schedule)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--features", choices=FEATURE_NETWORKS, default=d.features)
+    p.add_argument("--inception-weights", help="local Inception-v3 weights file (never downloaded)")
+    p.add_argument("--dinov2-path", help="local DINOv2 directory (transformers) or weights file (timm)")
+    p.add_argument("--reference", help="reference .npz: ADM batch (arr_0 images) and/or mu, sigma")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="where the embedded eval classifier is cached")
+    p.add_argument("--out-dir", default=d.out_dir)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """The EvalSettings fields out of parsed flags (other flags of the caller's parser are ignored)."""
+    names = {f.name for f in dataclasses.fields(EvalSettings)}
+    return EvalSettings(**{k: v for k, v in vars(args).items() if k in names})
