@@ -80,6 +80,15 @@ def _middle(channels: int, dropout: float, using_mid_sa: bool) -> nn.Module:
     return mid
 
 
+def _res_attn_blocks(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution stage's residual blocks, each followed by its attention block when the stage has them."""
+    for i, block in enumerate(stage.block):
+        h = block(h)
+        if len(stage.attn):
+            h = stage.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
                  in_channels: int = 3, dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True):
@@ -106,10 +115,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = _res_attn_blocks(stage, h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -143,10 +149,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for stage in reversed(self.up):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = _res_attn_blocks(stage, h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -10,6 +10,7 @@ width, patch schedule, class count), each plus the path of the checkpoint to loa
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -282,6 +283,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), check
         where = f" in {path}" if path else ""
         raise ConfigError(f"{len(errors)} problem(s){where}:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def config_arg_parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line of every config-driven entry point: --cfg FILE and repeated --set KEY=VALUE."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", required=True, help="YAML config (may name a parent with `base:`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-5")
+    return p
 
 
 def save_config(cfg: Config, path: Path) -> None:

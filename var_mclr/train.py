@@ -8,7 +8,6 @@ run.out_dir/model.safetensors (+ model.json) for eval/fid.py.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy
 from var_mclr.checkpoints import save_model
-from var_mclr.config import Config, load_config, save_config
+from var_mclr.config import Config, config_arg_parser, load_config, save_config
 from var_mclr.data import build_dataset
 from var_mclr.objectives import get_objective, objective_loss
 from var_mclr.tokens import TokenStore
@@ -265,16 +264,9 @@ def _dataset_args(cfg: Config) -> dict:
     return args
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", required=True, help="YAML config (may name a parent with `base:`)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-5")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = config_arg_parser(__doc__).parse_args(argv)
     cfg = load_config(args.cfg, args.set)
     train(cfg)
 

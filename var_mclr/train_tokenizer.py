@@ -9,7 +9,6 @@ Writes run.out_dir/model.safetensors (+ model.json); an existing result is never
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from tokenizer.model import VQVAE
 from var_mclr.checkpoints import save_model
-from var_mclr.config import Config, load_config, vqvae_config
+from var_mclr.config import Config, config_arg_parser, load_config, vqvae_config
 from var_mclr.data import build_dataset
 
 log = logging.getLogger("var_mclr.train_tokenizer")
@@ -95,10 +94,7 @@ def train_tokenizer(cfg: Config) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cfg", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
+    args = config_arg_parser(__doc__).parse_args(argv)
     train_tokenizer(load_config(args.cfg, args.set))
 
 

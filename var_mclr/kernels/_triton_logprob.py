@@ -154,6 +154,8 @@ def _num_splits(n_blocks_n: int, n_blocks_v: int, device: torch.device, splits: 
 
 def forward(h_NC, w_VC, b_V, t_N, splits: int | None = None):
     """Returns (logp_N, lse_N), both float32. h_NC and w_VC must share a dtype and be contiguous."""
+    if h_NC.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
     N, C = h_NC.shape
     V = w_VC.shape[0]
     cfg = _blocks(h_NC, V)
@@ -203,22 +205,3 @@ def backward(h_NC, w_VC, b_V, t_N, lse_N, grad_N, need_h: bool, need_w: bool, ne
         dw.to(w_VC.dtype) if dw is not None else None,
         db.to(b_V.dtype) if db is not None else None,
     )
-
-
-class TritonLogprob(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_NC, w_VC, b_V, t_N):
-        if h_NC.device.type != "cuda" and not INTERPRETED:
-            raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-        h_NC, w_VC, t_N = h_NC.contiguous(), w_VC.contiguous(), t_N.contiguous()
-        b_V = b_V.contiguous() if b_V is not None else None
-        logp_N, lse_N = forward(h_NC, w_VC, b_V, t_N)
-        ctx.save_for_backward(h_NC, w_VC, b_V, t_N, lse_N)
-        ctx.mark_non_differentiable(t_N)
-        return logp_N
-
-    @staticmethod
-    def backward(ctx, grad_N):
-        h_NC, w_VC, b_V, t_N, lse_N = ctx.saved_tensors
-        dh, dw, db = backward(h_NC, w_VC, b_V, t_N, lse_N, grad_N, *ctx.needs_input_grad[:3])
-        return dh, dw, db, None

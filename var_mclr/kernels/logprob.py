@@ -102,11 +102,13 @@ def token_logprobs(
     h2_NC, w_VC = h2_NC.to(dtype), weight_VC.to(dtype)
     with torch.autocast(h2_NC.device.type, enabled=False):
         if impl == "chunked":
-            logp_N = _ChunkedLogprob.apply(h2_NC, w_VC, bias_V, t_N)
+            logp_N = _FusedLogprob.apply(h2_NC, w_VC, bias_V, t_N, _Chunked)
         else:
             from var_mclr.kernels import _triton_logprob
 
-            logp_N = _triton_logprob.TritonLogprob.apply(h2_NC, w_VC, bias_V, t_N)
+            h2_NC, w_VC, t_N = h2_NC.contiguous(), w_VC.contiguous(), t_N.contiguous()
+            bias_V = bias_V.contiguous() if bias_V is not None else None
+            logp_N = _FusedLogprob.apply(h2_NC, w_VC, bias_V, t_N, _triton_logprob)
     return logp_N.reshape(out_shape)
 
 
@@ -157,14 +159,30 @@ def _logits_into(out_nV, h_nC, w_VC, b32_V):
     return out_nV
 
 
-class _ChunkedLogprob(torch.autograd.Function):
-    """Row-chunked fused head + log_softmax + gather. Saves h, W, b, target and lse only.
-
-    h and W share a dtype. Softmax statistics, grad_logits and the dW/db accumulators are float32.
-    """
+class _FusedLogprob(torch.autograd.Function):
+    """Fused head + log_softmax + gather. Saves h, W, b, target and the per-token logsumexp only; the engine
+    (the chunked torch functions below, or the Triton module) computes forward and backward from those."""
 
     @staticmethod
-    def forward(ctx, h_NC, w_VC, b_V, t_N):
+    def forward(ctx, h_NC, w_VC, b_V, t_N, engine):
+        logp_N, lse_N = engine.forward(h_NC, w_VC, b_V, t_N)
+        ctx.engine = engine
+        ctx.save_for_backward(h_NC, w_VC, b_V, t_N, lse_N)
+        ctx.mark_non_differentiable(t_N)
+        return logp_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        h_NC, w_VC, b_V, t_N, lse_N = ctx.saved_tensors
+        return (*ctx.engine.backward(h_NC, w_VC, b_V, t_N, lse_N, grad_N, *ctx.needs_input_grad[:3]), None, None)
+
+
+class _Chunked:
+    """Row-chunked engine: h and W share a dtype; softmax statistics, grad_logits and the dW/db accumulators are
+    float32."""
+
+    @staticmethod
+    def forward(h_NC, w_VC, b_V, t_N):
         N, V = h_NC.shape[0], w_VC.shape[0]
         b32_V = b_V.float() if b_V is not None else None
         rows = _chunk_rows(V)
@@ -183,14 +201,10 @@ class _ChunkedLogprob(torch.autograd.Function):
         del buf
         valid_N = t_N >= 0
         logp_N = torch.where(valid_N, tgt_N - lse_N, torch.zeros_like(tgt_N))
-        ctx.save_for_backward(h_NC, w_VC, b_V, t_N, lse_N)
-        ctx.mark_non_differentiable(t_N)
-        return logp_N
+        return logp_N, lse_N
 
     @staticmethod
-    def backward(ctx, grad_N):
-        h_NC, w_VC, b_V, t_N, lse_N = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    def backward(h_NC, w_VC, b_V, t_N, lse_N, grad_N, need_h: bool, need_w: bool, need_b: bool):
         N, V = h_NC.shape[0], w_VC.shape[0]
         lowp = h_NC.dtype != torch.float32
         b32_V = b_V.float() if b_V is not None else None
@@ -221,4 +235,4 @@ class _ChunkedLogprob(torch.autograd.Function):
                 _accumulate_mm_(dw_VC, zm.t(), h_NC[i:j])
         dw = dw_VC.to(w_VC.dtype) if dw_VC is not None else None
         db = db_V.to(b_V.dtype) if db_V is not None else None
-        return dh_NC, dw, db, None
+        return dh_NC, dw, db
