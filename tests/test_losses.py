@@ -164,7 +164,7 @@ def test_per_position_logit_shift_changes_no_logprob_loss_or_gradient(seed, shif
         losses = [
             nll_loss(l_pos, L)[0], mclr_loss(l_pos, l_neg, L, lam=2.0, tau=0.1)[0],
             mclr_loss(l_pos, l_neg, L, lam=2.0, tau=0.1, smooth_cap=True)[0],
-            cca_loss(l_pos, l_ref[:B], l_neg[:, 0], l_ref[B:B * 2], beta=0.1, lam_cca=3.0)[0],
+            cca_loss(l_pos, l_ref[:B], l_neg[:, 0], l_ref[B:B * 2], beta=0.1, lam=3.0)[0],
             cc_dpo_loss(l_pos, l_ref[:B], l_neg[:, 0], l_ref[B:B * 2], beta=0.1)[0],
             unlearning_loss(l_pos, l_ref[:B], l_neg[:, 0], l_ref[B:B * 2], lam=0.5)[0],
         ]
@@ -180,56 +180,94 @@ def test_per_position_logit_shift_changes_no_logprob_loss_or_gradient(seed, shif
         torch.testing.assert_close(a, b_, atol=tol * 10, rtol=1e-4)
 
 
-# ---- CCA, CC-DPO, unlearning against hand computation -------------------------------------------------------
+# ---- CCA, CC-DPO, unlearning against hand computation (thu-ml/CCA, VAR_CCA_trainer.py) ---------------------
 def _cca_case():
-    labels = torch.tensor([3, 3, 5, 1])
-    pos, neg, neg_is_pos = cca_labels(labels, 10)  # neg = [3, 5, 1, 3]: sample 0 collides
-    d_pos, d_neg = [12.0, -30.0, 5.0, 0.0], [40.0, 25.0, -60.0, 8.0]
-    lref_pos = torch.tensor([-100.0, -200.0, -150.0, -120.0])
-    lref_neg = torch.tensor([-110.0, -190.0, -140.0, -125.0])
+    """Five rows: row 0 a roll collision, row 4 null-masked (both labels -> the null class 10)."""
+    labels = torch.tensor([3, 3, 5, 1, 7])
+    pos, neg, collided = cca_labels(labels, 10)  # neg = [3, 5, 1, 7, 3]: row 0 collides
+    assert collided.tolist() == [True, False, False, False, False]
+    pos[4], neg[4] = 10, 10
+    flagged = neg == pos
+    assert flagged.tolist() == [True, False, False, False, True]
+    d_pos, d_neg = [12.0, -30.0, 5.0, 0.0, 7.0], [40.0, 25.0, -60.0, 8.0, 7.0]
+    lref_pos = torch.tensor([-100.0, -200.0, -150.0, -120.0, -90.0])
+    lref_neg = torch.tensor([-110.0, -190.0, -140.0, -125.0, -90.0])  # row 4: same label, same image
     l_pos, l_neg = lref_pos + torch.tensor(d_pos), lref_neg + torch.tensor(d_neg)
-    return neg_is_pos, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg
+    return flagged, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg
 
 
-def test_cca_hand_computed_with_roll_collision_rule():
-    neg_is_pos, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
-    assert neg_is_pos.tolist() == [True, False, False, False]
+def test_cca_labels_flag_null_masked_rows_and_collisions():
+    labels = torch.tensor([3, 3, 5, 1, 7, 2, 2, 9])
+    pos, neg, flagged = cca_labels(labels, 10, uncond_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    masked = pos == 10
+    assert 0 < int(masked.sum()) < 8  # this seed masks some rows, not all
+    assert bool((neg[masked] == 10).all())  # CCA masks both labels of a row
+    assert flagged.tolist() == (masked | (neg == pos)).tolist()
+    assert neg[~masked].tolist() == torch.roll(labels, -1)[~masked].tolist()
+
+
+def test_cca_hand_computed_masked_form():
+    flagged, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
     beta, lam = 0.02, 50.0
     pos_terms = [-logsig(beta * d) for d in d_pos]
-    neg_terms = [-logsig(+beta * d_neg[0])] + [-logsig(-beta * d) for d in d_neg[1:]]  # collision: a positive
-    expected = (sum(pos_terms) / 4 + lam * sum(neg_terms) / 4) / lam  # divided by max(lam, 1)
-    loss, stats = cca_loss(l_pos, lref_pos, l_neg, lref_neg, beta, lam, neg_is_pos_mask_B=neg_is_pos)
+    # flagged rows (0, 4): weight 1 and the sign flipped (pushed up); the rest weight lam, pushed down
+    neg_terms = [-logsig(beta * d_neg[0]), *(lam * -logsig(-beta * d) for d in d_neg[1:4]), -logsig(beta * d_neg[4])]
+    expected = (sum(pos_terms) / 5 + sum(neg_terms) / 5) / lam  # divided by max(lam, 1)
+    loss, stats = cca_loss(l_pos, lref_pos, l_neg, lref_neg, beta, lam, flagged_B=flagged)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert stats["delta_pos"].item() == pytest.approx(sum(d_pos) / 4, rel=1e-5)
-    assert stats["pair_acc"].item() == pytest.approx(0.25)  # only sample 2 has d_pos > d_neg
+    assert stats["delta_pos"].item() == pytest.approx(sum(d_pos) / 5, rel=1e-5)
+    assert stats["pair_acc"].item() == pytest.approx(0.2)  # only row 2 has d_pos > d_neg
+    assert stats["flagged_frac"].item() == pytest.approx(0.4)
+    # lam < 1 is not rescaled up: max(lam, 1) = 1
+    loss_small, _ = cca_loss(l_pos, lref_pos, l_neg, lref_neg, beta, 0.5, flagged_B=flagged)
+    neg_small = [-logsig(beta * d_neg[0]), *(0.5 * -logsig(-beta * d) for d in d_neg[1:4]), -logsig(beta * d_neg[4])]
+    assert loss_small.item() == pytest.approx(sum(pos_terms) / 5 + sum(neg_small) / 5, rel=1e-6)
 
-    # without the mask every negative is pushed down, and without normalisation lam < 1 is not rescaled
-    loss_nomask, _ = cca_loss(l_pos, lref_pos, l_neg, lref_neg, beta, lam, normalize=False)
-    expected_nomask = sum(pos_terms) / 4 + lam * sum(-logsig(-beta * d) for d in d_neg) / 4
-    assert loss_nomask.item() == pytest.approx(expected_nomask, rel=1e-6)
-    loss_small, _ = cca_loss(l_pos, lref_pos, l_neg, lref_neg, beta, 0.5, neg_is_pos_mask_B=neg_is_pos)
-    assert loss_small.item() == pytest.approx(sum(pos_terms) / 4 + 0.5 * sum(neg_terms) / 4, rel=1e-6)
+
+def test_cca_hand_computed_unmasked_form():
+    # uncond_ratio = 0: CCA's plain loss, no flipping (a collision is pushed down too), no normalisation
+    _, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
+    beta, lam = 0.02, 50.0
+    expected = sum(-logsig(beta * d) for d in d_pos) / 5 + lam * sum(-logsig(-beta * d) for d in d_neg) / 5
+    loss, stats = cca_loss(l_pos, lref_pos, l_neg, lref_neg, beta, lam)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert "flagged_frac" not in stats
+
+
+def test_cca_flagged_row_gradient_at_lambda_50():
+    """A flagged row's negative is weighted 1, not lam: at lam = 50 its gradient is 1/50 of a mismatched row's
+    weight (CCA's code), and the null class of a masked row is trained with total weight 2, not 1 + lam."""
+    flagged, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
+    beta, lam, B = 0.02, 50.0, 5
+    l_pos, l_neg = l_pos.clone().requires_grad_(True), l_neg.clone().requires_grad_(True)
+    cca_loss(l_pos, lref_pos, l_neg, lref_neg, beta, lam, flagged_B=flagged)[0].backward()
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    # d/dl of -log sigmoid(s beta l) = -s beta sigmoid(-s beta l)
+    assert l_neg.grad[0].item() == pytest.approx(-beta * sig(-beta * d_neg[0]) / B / lam, rel=1e-5)
+    assert l_neg.grad[1].item() == pytest.approx(lam * beta * sig(beta * d_neg[1]) / B / lam, rel=1e-5)
+    masked_total = l_pos.grad[4].item() + l_neg.grad[4].item()
+    assert masked_total == pytest.approx(-2 * beta * sig(-beta * d_pos[4]) / B / lam, rel=1e-5)
 
 
 def test_cca_gradient_directions_and_frozen_reference():
-    neg_is_pos, *_, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
+    flagged, *_, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
     l_pos, l_neg = l_pos.clone().requires_grad_(True), l_neg.clone().requires_grad_(True)
     lref_pos.requires_grad_(True)
-    loss, _ = cca_loss(l_pos, lref_pos, l_neg, lref_neg, 0.1, 5.0, neg_is_pos_mask_B=neg_is_pos)
+    loss, _ = cca_loss(l_pos, lref_pos, l_neg, lref_neg, 0.1, 5.0, flagged_B=flagged)
     loss.backward()
     assert bool((l_pos.grad < 0).all())  # descent raises every positive likelihood
-    assert l_neg.grad[0].item() < 0 and bool((l_neg.grad[1:] > 0).all())  # collision raised, others lowered
+    assert (l_neg.grad < 0).tolist() == flagged.tolist()  # flagged rows raised, mismatched ones lowered
     assert lref_pos.grad is None  # the reference is frozen
 
 
 def test_cc_dpo_hand_computed():
-    neg_is_pos, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
+    flagged, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
     beta = 0.1
-    expected = sum(-logsig(beta * (a - b)) for a, b in zip(d_pos, d_neg)) / 4
+    expected = sum(-logsig(beta * (a - b)) for a, b in zip(d_pos, d_neg)) / 5
     loss, stats = cc_dpo_loss(l_pos, lref_pos, l_neg, lref_neg, beta)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert stats["margin"].item() == pytest.approx(sum(a - b for a, b in zip(d_pos, d_neg)) / 4, rel=1e-5)
-    # a collided pair (same class, same image) has zero margin: log 2 and no gradient
+    assert stats["margin"].item() == pytest.approx(sum(a - b for a, b in zip(d_pos, d_neg)) / 5, rel=1e-5)
+    # a null-masked or collided pair (same class, same image) has zero margin: log 2 and no gradient
     l = torch.tensor([-50.0], requires_grad=True)
     loss, _ = cc_dpo_loss(l, torch.tensor([-60.0]), l, torch.tensor([-60.0]), beta)
     loss.backward()
@@ -237,14 +275,41 @@ def test_cc_dpo_hand_computed():
 
 
 def test_unlearning_hand_computed():
-    neg_is_pos, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
+    flagged, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
     lam = 4.0
-    plain = -sum(d_pos) / 4 + lam * sum(d_neg) / 4
-    loss, _ = unlearning_loss(l_pos, lref_pos, l_neg, lref_neg, lam, normalize=False)
+    plain = -sum(d_pos) / 5 + lam * sum(d_neg) / 5
+    loss, _ = unlearning_loss(l_pos, lref_pos, l_neg, lref_neg, lam)
     assert loss.item() == pytest.approx(plain, rel=1e-6)
-    masked = (-sum(d_pos) / 4 + lam * (-d_neg[0] + sum(d_neg[1:])) / 4) / lam
-    loss, _ = unlearning_loss(l_pos, lref_pos, l_neg, lref_neg, lam, neg_is_pos_mask_B=neg_is_pos)
+    masked = (-sum(d_pos) / 5 + (-d_neg[0] + lam * sum(d_neg[1:4]) - d_neg[4]) / 5) / lam
+    loss, _ = unlearning_loss(l_pos, lref_pos, l_neg, lref_neg, lam, flagged_B=flagged)
     assert loss.item() == pytest.approx(masked, rel=1e-6)
+
+
+def test_objectives_use_the_masked_form_only_when_null_masking():
+    from var_mclr.objectives import OBJECTIVES, LossConfig
+    flagged, d_pos, d_neg, l_pos, lref_pos, l_neg, lref_neg = _cca_case()
+    l_BK, lref_BK = torch.stack((l_pos, l_neg), 1), torch.stack((lref_pos, lref_neg), 1)
+    mask_BK = torch.stack((torch.zeros_like(flagged), flagged), 1)
+    for name, fn, section in (("cca", cca_loss, "cca"), ("unlearning", unlearning_loss, "unlearning")):
+        for u in (0.0, 0.1):
+            cfg = LossConfig()
+            getattr(cfg, section).uncond_ratio = u
+            got, _ = OBJECTIVES[name].loss(cfg, l_BK, lref_BK, mask_BK, 7)
+            kw = {"beta": cfg.cca.beta, "lam": cfg.cca.lam} if name == "cca" else {"lam": cfg.unlearning.lam}
+            want, _ = fn(l_pos, lref_pos, l_neg, lref_neg, **kw, flagged_B=flagged if u > 0 else None)
+            assert got.item() == want.item(), (name, u)
+
+
+@pytest.mark.parametrize("name", ["cca", "cc_dpo", "unlearning"])
+def test_every_reference_objective_null_masks_both_labels(name):
+    from var_mclr.objectives import OBJECTIVES, LossConfig
+    cfg = LossConfig()
+    getattr(cfg, name).uncond_ratio = 0.5
+    labels = torch.arange(8) % 4
+    plan = OBJECTIVES[name].plan(cfg, labels, 4, 0.0, torch.Generator().manual_seed(1))
+    masked = plan.classes_BK[:, 0] == 4
+    assert 0 < int(masked.sum()) < 8
+    assert bool((plan.classes_BK[masked, 1] == 4).all()) and bool(plan.mask_BK[masked, 1].all())
 
 
 def test_input_validation():

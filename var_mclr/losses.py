@@ -1,12 +1,12 @@
-"""Training objectives as pure functions of log-likelihoods (spec sections 2 and 5).
+"""Training objectives as pure functions of log-likelihoods (docs/method.md, "MCLR objective" and "Baselines").
 
 Every function takes sequence log-likelihoods l(x, c) = log p(x | c) (sums over the L tokens, from
 var_mclr.likelihood) and returns (loss, stats): loss is a differentiable scalar, stats maps names to detached
 0-d tensors (no host sync inside the training step; call .item() when logging).
 
-Scales, where the spec leaves them open:
+Scales:
   - nll and MCLR are per token (divided by L), so lambda and tau are comparable across patch schedules.
-  - CCA, CC-DPO and unlearning are per sequence, like CCA's code: beta multiplies the sequence-level
+  - CCA, CC-DPO and unlearning are per sequence, as in CCA's code: beta multiplies the sequence-level
     Delta = l_theta - l_ref, so CCA's published beta (0.02 for VAR at L = 680) keeps its meaning. Their
     stats are reported per sequence too.
 Reference log-likelihoods (l_ref) are detached here: the reference model is frozen by definition.
@@ -103,51 +103,57 @@ def _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B) -> tuple[torch.Tensor, tor
     return l_pos_B - lref_pos_B.detach(), l_neg_B - lref_neg_B.detach()
 
 
-def _pair_stats(loss: torch.Tensor, d_pos_B: torch.Tensor, d_neg_B: torch.Tensor) -> Stats:
+def _pair_stats(loss: torch.Tensor, d_pos_B: torch.Tensor, d_neg_B: torch.Tensor,
+                flagged_B: torch.Tensor | None = None) -> Stats:
     with torch.no_grad():
-        return {
+        stats = {
             "loss": _d(loss),
             "delta_pos": _d(d_pos_B.mean()),     # CCA's "chosen reward" (per sequence, before beta)
             "delta_neg": _d(d_neg_B.mean()),     # "rejected reward"
             "margin": _d((d_pos_B - d_neg_B).mean()),
             "pair_acc": _d((d_pos_B > d_neg_B).float().mean()),
         }
+        if flagged_B is not None:
+            stats["flagged_frac"] = flagged_B.float().mean()
+        return stats
 
 
-def _sign_B(neg_is_pos_mask_B: torch.Tensor | None, d_neg_B: torch.Tensor) -> torch.Tensor:
-    # CCA's rule: a negative that is not a mismatched class (roll collision, or a null-masked sample) is pushed
-    # up like a positive instead of down: the sign of its Delta flips from -1 to +1, its weight stays lambda.
-    if neg_is_pos_mask_B is None:
-        return -torch.ones_like(d_neg_B)
-    _check_B("neg_is_pos_mask_B", neg_is_pos_mask_B, d_neg_B.shape[0])
-    return neg_is_pos_mask_B.to(d_neg_B.dtype) * 2 - 1
+def _flag_weight_and_sign(flagged_B: torch.Tensor, lam: float, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # CCA's masked form: a flagged row's negative is not a mismatched class (null-masked, or a roll collision),
+    # so its term is pushed up like a positive (sign +1) with weight 1; every other row keeps weight lam, sign -1.
+    _check_B("flagged_B", flagged_B, like.shape[0])
+    flagged = flagged_B.to(device=like.device, dtype=torch.bool)
+    weight_B = torch.where(flagged, torch.ones_like(like), torch.full_like(like, lam))
+    sign_B = flagged.to(like.dtype) * 2 - 1
+    return weight_B, sign_B
 
 
 def cca_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: torch.Tensor, lref_neg_B: torch.Tensor,
-             beta: float, lam_cca: float, neg_is_pos_mask_B: torch.Tensor | None = None,
-             normalize: bool = True) -> tuple[torch.Tensor, Stats]:
-    """Condition Contrastive Alignment, per sequence:
+             beta: float, lam: float, flagged_B: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
+    """Condition Contrastive Alignment, per sequence, exactly as CCA's VAR trainer (docs/method.md, "Baselines").
 
-        mean_b[ -log sigmoid(beta * Delta(x, c)) ] + lam_cca * mean_b[ -log sigmoid(s_b * beta * Delta(x, c-)) ]
-
-    with s_b = -1, or +1 where neg_is_pos_mask_B (the negative equals the positive: CCA's roll collisions and
-    its null-masked samples, see likelihood.cca_labels). normalize divides by max(lam_cca, 1), as CCA's code
-    does in its default setting (uncond_ratio > 0), so large lam_cca does not inflate the step size.
+    flagged_B=None is CCA's form for uncond_ratio = 0 (no null masking):
+        mean_b[-log sigmoid(beta Delta(x, c))] + lam mean_b[-log sigmoid(-beta Delta(x, c-))]
+    flagged_B given is its form for uncond_ratio > 0 (True = null-masked row or roll collision):
+        ( mean_b[-log sigmoid(beta Delta(x, c))] + mean_b[w_b (-log sigmoid(s_b beta Delta(x, c-)))] ) / max(lam, 1)
+    with w_b = 1, s_b = +1 on flagged rows and w_b = lam, s_b = -1 elsewhere.
     """
     d_pos_B, d_neg_B = _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B)
-    sign_B = _sign_B(neg_is_pos_mask_B, d_neg_B)
-    loss = -F.logsigmoid(beta * d_pos_B).mean() - lam_cca * F.logsigmoid(sign_B * beta * d_neg_B).mean()
-    if normalize:
-        loss = loss / max(lam_cca, 1.0)
-    return loss, _pair_stats(loss, d_pos_B, d_neg_B)
+    pos_term = -F.logsigmoid(beta * d_pos_B).mean()
+    if flagged_B is None:
+        loss = pos_term - lam * F.logsigmoid(-beta * d_neg_B).mean()
+    else:
+        weight_B, sign_B = _flag_weight_and_sign(flagged_B, lam, d_neg_B)
+        loss = (pos_term - (weight_B * F.logsigmoid(sign_B * beta * d_neg_B)).mean()) / max(lam, 1.0)
+    return loss, _pair_stats(loss, d_pos_B, d_neg_B, flagged_B)
 
 
 def cc_dpo_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: torch.Tensor, lref_neg_B: torch.Tensor,
                 beta: float) -> tuple[torch.Tensor, Stats]:
     """Condition-contrastive DPO, per sequence: mean_b[ -log sigmoid(beta * (Delta(x, c) - Delta(x, c-))) ].
 
-    A pair whose negative equals its positive (roll collision) has margin identically 0: it adds log 2 to the
-    loss and nothing to the gradient, so no collision rule is needed (CCA's code applies none here either).
+    A pair whose negative label equals its positive (null-masked row or roll collision) has margin identically
+    0: it adds log 2 to the loss and nothing to the gradient, as in CCA's code, which applies no flag rule here.
     """
     d_pos_B, d_neg_B = _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B)
     loss = -F.logsigmoid(beta * (d_pos_B - d_neg_B)).mean()
@@ -155,20 +161,19 @@ def cc_dpo_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: torch.
 
 
 def unlearning_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: torch.Tensor,
-                    lref_neg_B: torch.Tensor, lam: float, neg_is_pos_mask_B: torch.Tensor | None = None,
-                    normalize: bool = True) -> tuple[torch.Tensor, Stats]:
-    """Likelihood unlearning, per sequence: mean_b[ -Delta(x, c) ] + lam * mean_b[ -s_b * Delta(x, c-) ].
+                    lref_neg_B: torch.Tensor, lam: float, flagged_B: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, Stats]:
+    """Likelihood unlearning, per sequence, exactly as CCA's code (docs/method.md, "Baselines").
 
-    s_b = -1 (push the mismatched likelihood down), +1 where neg_is_pos_mask_B (same rule as cca_loss);
-    normalize divides by max(lam, 1) like CCA's code. The reference only shifts the value (its gradient is 0);
-    it is kept so the reported loss is comparable with CCA's.
+    flagged_B=None (uncond_ratio = 0): -mean_b Delta(x, c) + lam mean_b Delta(x, c-).
+    flagged_B given (uncond_ratio > 0): ( -mean_b Delta(x, c) - mean_b w_b s_b Delta(x, c-) ) / max(lam, 1), with
+    w_b, s_b as in cca_loss. The reference only shifts the value (its gradient is 0); it is kept so the reported
+    loss is comparable with CCA's.
     """
     d_pos_B, d_neg_B = _deltas(l_pos_B, lref_pos_B, l_neg_B, lref_neg_B)
-    sign_B = _sign_B(neg_is_pos_mask_B, d_neg_B)
-    loss = -d_pos_B.mean() - lam * (sign_B * d_neg_B).mean()
-    if normalize:
-        loss = loss / max(lam, 1.0)
-    return loss, _pair_stats(loss, d_pos_B, d_neg_B)
-
-
-LOSSES = ("nll", "mclr", "cca", "cc_dpo", "unlearning")
+    if flagged_B is None:
+        loss = -d_pos_B.mean() + lam * d_neg_B.mean()
+    else:
+        weight_B, sign_B = _flag_weight_and_sign(flagged_B, lam, d_neg_B)
+        loss = (-d_pos_B.mean() - (weight_B * sign_B * d_neg_B).mean()) / max(lam, 1.0)
+    return loss, _pair_stats(loss, d_pos_B, d_neg_B, flagged_B)

@@ -27,6 +27,9 @@ class MCLRConfig:
     smooth_cap: bool = False
 
 
+# The three reference-model baselines share CCA's pairing (docs/method.md, "Baselines"): uncond_ratio is the share
+# of rows whose positive and negative labels are both set to the null class (CCA's default 0.1 keeps CFG usable);
+# 0 selects CCA's unmasked form of each loss.
 @dataclass
 class CCAConfig:
     beta: float = 0.02
@@ -37,11 +40,13 @@ class CCAConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.02
+    uncond_ratio: float = 0.1
 
 
 @dataclass
 class UnlearningConfig:
     lam: float = 1.0
+    uncond_ratio: float = 0.1
 
 
 @dataclass
@@ -56,7 +61,7 @@ class LossConfig:
 @dataclass
 class ClassPlan:
     classes_BK: torch.Tensor  # column 0: the positive class; columns 1..: the classes it is contrasted with
-    mask_BK: torch.Tensor  # per-column flags: MCLR excludes roll collisions; CCA treats them as positives
+    mask_BK: torch.Tensor  # per-column flags: MCLR excludes roll collisions; CCA flags collisions and null-masked rows
 
     def slice(self, sl: slice) -> "ClassPlan":
         return ClassPlan(self.classes_BK[sl], self.mask_BK[sl])
@@ -91,9 +96,14 @@ def plan_cca(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dro
     return _plan_pairs(cfg.cca.uncond_ratio, label_G, num_classes, generator)
 
 
-def plan_pairs_unmasked(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
-                        generator: torch.Generator) -> ClassPlan:
-    return _plan_pairs(0.0, label_G, num_classes, generator)
+def plan_cc_dpo(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
+                generator: torch.Generator) -> ClassPlan:
+    return _plan_pairs(cfg.cc_dpo.uncond_ratio, label_G, num_classes, generator)
+
+
+def plan_unlearning(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
+                    generator: torch.Generator) -> ClassPlan:
+    return _plan_pairs(cfg.unlearning.uncond_ratio, label_G, num_classes, generator)
 
 
 # ---- the losses, reading l(x, c) of every planned row ---------------------------------------------------------
@@ -111,9 +121,14 @@ def _pair(l_BK: torch.Tensor, lref_BK: torch.Tensor) -> tuple[torch.Tensor, ...]
     return l_BK[:, 0], lref_BK[:, 0], l_BK[:, 1], lref_BK[:, 1]
 
 
+def _flags(uncond_ratio: float, mask_BK: torch.Tensor) -> torch.Tensor | None:
+    # CCA's code uses the flagged (weighted, flipped, normalised) form only when it null-masks (uncond_ratio > 0).
+    return mask_BK[:, 1] if uncond_ratio > 0 else None
+
+
 def loss_cca(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
-    return losses.cca_loss(*_pair(l_BK, lref_BK), beta=cfg.cca.beta, lam_cca=cfg.cca.lam,
-                           neg_is_pos_mask_B=mask_BK[:, 1])
+    return losses.cca_loss(*_pair(l_BK, lref_BK), beta=cfg.cca.beta, lam=cfg.cca.lam,
+                           flagged_B=_flags(cfg.cca.uncond_ratio, mask_BK))
 
 
 def loss_cc_dpo(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
@@ -122,7 +137,8 @@ def loss_cc_dpo(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | Non
 
 def loss_unlearning(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor,
                     L: int):
-    return losses.unlearning_loss(*_pair(l_BK, lref_BK), lam=cfg.unlearning.lam, neg_is_pos_mask_B=mask_BK[:, 1])
+    return losses.unlearning_loss(*_pair(l_BK, lref_BK), lam=cfg.unlearning.lam,
+                                  flagged_B=_flags(cfg.unlearning.uncond_ratio, mask_BK))
 
 
 # ---- the registry ---------------------------------------------------------------------------------------------
@@ -143,8 +159,8 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("nll", plan_nll, loss_nll),
     Objective("mclr", plan_mclr, loss_mclr),
     Objective("cca", plan_cca, loss_cca, needs_reference=True),
-    Objective("cc_dpo", plan_pairs_unmasked, loss_cc_dpo, needs_reference=True),
-    Objective("unlearning", plan_pairs_unmasked, loss_unlearning, needs_reference=True),
+    Objective("cc_dpo", plan_cc_dpo, loss_cc_dpo, needs_reference=True),
+    Objective("unlearning", plan_unlearning, loss_unlearning, needs_reference=True),
 )}
 
 
