@@ -48,16 +48,20 @@ def build_var(cfg: Config, vae: VQVAE) -> VAR:
     if path is None:
         var = VAR(declared, logprob_impl=cfg.train.kernels)
         var.init_weights()
-        return var
-    var = load_official_var(path, declared) if is_official_checkpoint(path) else load_model(path)
-    if not isinstance(var, VAR):
-        raise ValueError(f"model.init {path} holds a {type(var).__name__}, not a VAR")
-    _check_same_arch(declared, var.cfg, f"model.init {path}", "model")
-    var.logprob_impl = cfg.train.kernels
+    else:
+        var = load_official_var(path, declared) if is_official_checkpoint(path) else load_model(path)
+        if not isinstance(var, VAR):
+            raise ValueError(f"model.init {path} holds a {type(var).__name__}, not a VAR")
+        _check_same_arch(declared, var.cfg, f"model.init {path}", "model")
+        var.logprob_impl = cfg.train.kernels
+    var.set_drop_path_rate(cfg.model.drop_path_rate)
     return var
 
 
 def frozen_copy(var: VAR) -> VAR:
+    """A frozen reference with the same weights and the same stochastic depth: CCA's trainer runs its reference in
+    training mode, so with drop-path on the reference drops paths too (docs/method.md, "Baselines")."""
     ref = VAR(var.cfg, logprob_impl=var.logprob_impl)
     ref.load_state_dict(var.state_dict())
+    ref.set_drop_path_rate(var.drop_path_rate)
     return ref.eval().requires_grad_(False)

@@ -72,8 +72,10 @@ VAR_DERIVED = ("vocab_size", "Cvae", "num_classes", "patch_nums")
 
 # tokenizer.checkpoint: official vae_*.pth or our .safetensors; None only for tokenizer training.
 TokenizerConfig = _section_from(VQVAEConfig, "TokenizerConfig", [("checkpoint", str | None, None)])
-# model.init: official var_d*.pth or our .safetensors; None = train from scratch.
-ModelConfig = _section_from(VARConfig, "ModelConfig", [("init", str | None, None)], exclude=VAR_DERIVED)
+# model.init: official var_d*.pth or our .safetensors; None = train from scratch. model.drop_path_rate: stochastic
+# depth of the last block while training (official VAR: 0.1 * depth / 24; 0 = off), not part of the architecture.
+ModelConfig = _section_from(VARConfig, "ModelConfig", [("init", str | None, None), ("drop_path_rate", float, 0.0)],
+                            exclude=VAR_DERIVED)
 
 
 def vqvae_config(section) -> VQVAEConfig:
@@ -98,7 +100,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_steps: int = 0
-    lr_schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warm-up) | lin0 (VAR's: docs/method.md)
     min_lr_ratio: float = 0.1
     grad_clip: float = 2.0
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -146,7 +148,7 @@ def _plain(tree):
 CHOICES = {
     "data.name": ("imagefolder", "mnist", "synthetic"),
     "train.objective": tuple(OBJECTIVES),
-    "train.lr_schedule": ("cosine", "linear", "constant"),
+    "train.lr_schedule": ("cosine", "linear", "constant", "lin0"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.kernels": LOGPROB_KERNELS,
     "loss.mclr.negatives": NEGATIVE_MODES,

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
 
 from tokenizer.model import VAR_256_PATCH_NUMS
 from var_mclr import kernels
@@ -113,6 +114,7 @@ class AdaLNSelfAttn(nn.Module):
                  shared_aln: bool, attn_l2_norm: bool):
         super().__init__()
         self.C = embed_dim
+        self.drop_path_rate = 0.0  # stochastic depth while training; set by VAR.set_drop_path_rate
         self.attn = SelfAttention(embed_dim, num_heads, attn_l2_norm)
         self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
@@ -130,9 +132,15 @@ class AdaLNSelfAttn(nn.Module):
             ada_B16C = self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.unbind(2)
         h = self.ln_wo_grad(x_BLC) * (scale1 + 1) + shift1
-        x_BLC = x_BLC + self.attn(h, attn_bias, kv_cache) * gamma1
+        x_BLC = x_BLC + self.drop_path(self.attn(h, attn_bias, kv_cache) * gamma1)
         h = self.ln_wo_grad(x_BLC) * (scale2 + 1) + shift2
-        return x_BLC + self.ffn(h) * gamma2
+        return x_BLC + self.drop_path(self.ffn(h) * gamma2)
+
+    def drop_path(self, branch_BLC: torch.Tensor) -> torch.Tensor:
+        """Drops the whole residual branch of a random share of samples (rescaling the rest) while training."""
+        if self.drop_path_rate == 0 or not self.training:
+            return branch_BLC
+        return stochastic_depth(branch_BLC, self.drop_path_rate, "row", training=True)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -201,6 +209,16 @@ class VAR(nn.Module):
 
         self.head_nm = AdaLNBeforeHead(self.C, self.D, cfg.norm_eps)
         self.head = nn.Linear(self.C, self.V)
+        self.drop_path_rate = 0.0
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth for training, rising linearly from 0 at the first block to rate at the last, as in the
+        official recipe (docs/method.md, "Training schedule"). Not part of the architecture: never saved."""
+        if not 0 <= rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        self.drop_path_rate = rate
+        for block, block_rate in zip(self.blocks, torch.linspace(0, rate, self.depth).tolist()):
+            block.drop_path_rate = block_rate
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def check_labels(self, label_B: torch.Tensor, check_range: bool | None = None) -> None:

@@ -70,10 +70,26 @@ class RankBatchSampler(Sampler):
         return self.stop - self.start
 
 
+# VAR's lin0 schedule (utils/lr_control.py): warm-up from this share of the peak, and the share of the post-warm-up
+# steps held at the peak before the linear decay to min_lr_ratio.
+LIN0_WARMUP_START, LIN0_HOLD = 0.005, 0.05
+
+
 def lr_lambda(cfg: Config):
+    """The learning-rate factor of every step (docs/method.md, "Training schedule")."""
     t = cfg.train
 
+    def lin0(step: int) -> float:
+        if step < t.warmup_steps:
+            return LIN0_WARMUP_START + (1 - LIN0_WARMUP_START) * step / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - 1 - t.warmup_steps)
+        if progress < LIN0_HOLD:
+            return 1.0
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * max(0.0, 1 - progress) / (1 - LIN0_HOLD)
+
     def factor(step: int) -> float:
+        if t.lr_schedule == "lin0":
+            return lin0(step)
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         if t.lr_schedule == "constant":
@@ -85,13 +101,18 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+# Official VAR's rule (train.py, filter_params): no weight decay on 1-D parameters, biases, position and level
+# embeddings, AdaLN's shared table and the attention temperature; class and word embeddings are decayed.
+NO_WEIGHT_DECAY_KEYS = ("pos_start", "pos_1LC", "lvl_embed", "ada_gss", "scale_mul")
+
+
 def make_optimizer(cfg: Config, var: torch.nn.Module) -> torch.optim.Optimizer:
-    # No weight decay on gains, biases, embeddings of positions/levels/classes (1-D or table parameters).
     decay, no_decay = [], []
     for name, p in var.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "emb" in name or "pos_" in name or "scale_mul" in name else decay).append(p)
+        skip = p.ndim == 1 or name.endswith("bias") or any(k in name for k in NO_WEIGHT_DECAY_KEYS)
+        (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
@@ -125,7 +146,8 @@ def _train(cfg: Config) -> Path:
     set_seed(cfg.run.seed)  # the same fresh initialisation on every process and every rerun
     vae = build_tokenizer(cfg).to(device)
     var = build_var(cfg, vae).to(device)
-    ref = frozen_copy(var).to(device) if objective.needs_reference else None
+    # CCA's trainer runs its frozen reference in training mode: with drop-path on, the reference drops paths too.
+    ref = frozen_copy(var).train().to(device) if objective.needs_reference else None
     dataset = build_dataset(_dataset_args(cfg), "train")
     if dataset.num_classes != cfg.data.num_classes:
         raise ValueError(f"the dataset has {dataset.num_classes} classes "
@@ -180,6 +202,8 @@ def _train(cfg: Config) -> Path:
             idx_G = batch_indices(cfg.run.seed, step * t.grad_accum + micro, global_batch, len(tokens))
             plan = objective.plan(cfg.loss, tokens.labels_N[idx_G], cfg.data.num_classes, t.class_dropout, gen)
             flip_G = (torch.rand(global_batch, generator=gen) < 0.5) if cfg.data.hflip else None
+            if cfg.model.drop_path_rate > 0:  # drop-path draws from torch's RNG: reseed it so a resumed run matches
+                torch.manual_seed(gen.initial_seed() + 7_919 * (rank + 1))
             mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
             idx_BL, x_BLCv = tokens.batch(idx_G[mine], None if flip_G is None else flip_G[mine],
                                           None if images is None else next(images)[0])
