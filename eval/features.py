@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from eval.metrics import feature_statistics, load_samples_npz, load_statistics
 from eval.networks.dinov2 import load_dinov2
 from eval.networks.inception import load_inception
-from eval.networks.mnist_cnn import load_or_train_mnist_classifier
+from eval.networks.mnist_cnn import SHIPPED, load_or_train_mnist_classifier, load_shipped_mnist_classifier
 from var_mclr.data import build_dataset
 from var_mclr.files import file_sha256, tensors_sha256
 
@@ -49,10 +49,16 @@ class FeatureNet:
 
 
 def mnist_net(cache_dir: Path, resolution: int) -> tuple[FeatureNet, float]:
-    path = cache_dir / f"mnist_classifier_{resolution}px.safetensors"
-    net, heldout_acc = load_or_train_mnist_classifier(str(path), seed=0, resolution=resolution)
-    desc = (f"small MNIST CNN trained on the embedded training digits at {resolution}px (held-out accuracy "
-            f"{heldout_acc:.4f}); FID here is in its 128-d penultimate features, NOT Inception FID")
+    """The packaged classifier at a shipped resolution (the demo's 16 px); elsewhere one trained here and cached."""
+    if resolution in SHIPPED:
+        net, heldout_acc = load_shipped_mnist_classifier(resolution)
+        origin = f"shipped {SHIPPED[resolution][0]}"
+    else:
+        path = cache_dir / f"mnist_classifier_{resolution}px.safetensors"
+        net, heldout_acc = load_or_train_mnist_classifier(str(path), seed=0, resolution=resolution)
+        origin = f"trained on this machine (no shipped network at {resolution}px: not comparable across machines)"
+    desc = (f"small MNIST CNN at {resolution}px, {origin}, held-out accuracy {heldout_acc:.4f}; FID here is in its "
+            f"128-d penultimate features, NOT Inception FID")
 
     def embed(x):
         f = net.features(x)

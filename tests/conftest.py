@@ -34,7 +34,7 @@ def tiny_var(vae: VQVAE, num_classes=5, depth=2, width=64, heads=4, seed=0, **ov
 
 @pytest.fixture(scope="session")
 def eval_cache(tmp_path_factory):
-    """One directory holding the embedded eval classifier (16 px), trained once per test session."""
+    """One cache directory for the eval runs of a session (the 16 px classifier itself ships with the package)."""
     from eval.features import mnist_net
 
     path = tmp_path_factory.mktemp("eval_cache")

@@ -1,18 +1,20 @@
-"""eval.networks: the embedded-dataset CNN (trained once per session), local-only Inception, DINOv2 errors."""
+"""eval.networks: the embedded-dataset CNN (shipped, pinned by its tensor hash), local-only Inception, DINOv2 errors."""
 import importlib.util
-import os
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 import torchvision.models.inception as tvi
 
-from eval.features import FeatureNet
+from eval.features import FeatureNet, mnist_net
 from eval.networks.dinov2 import load_dinov2
 from eval.networks.inception import _TFInceptionA, _TFInceptionE, _TFInceptionEMax, load_inception
-from eval.networks.mnist_cnn import MnistCNN, evaluate_accuracy, load_or_train_mnist_classifier
+from eval.networks.mnist_cnn import (SHIPPED, MnistCNN, evaluate_accuracy, load_or_train_mnist_classifier,
+                                     load_shipped_mnist_classifier, train_mnist_classifier)
 from eval.metrics import frechet_distance_of_features, precision_recall
 from var_mclr.data import mnist_dataset
+from var_mclr.files import tensors_sha256
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,34 +27,42 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def mnist_clf(eval_cache):
-    """The session's one eval classifier (16 px digits, see conftest.eval_cache), loaded from its cache."""
-    path = str(eval_cache / "mnist_classifier_16px.safetensors")
-    model, acc = load_or_train_mnist_classifier(path, seed=0, resolution=16)
-    return model, acc, path
+def mnist_clf():
+    """The shipped eval classifier (16 px digits): the feature space of every embedded-data FID."""
+    return load_shipped_mnist_classifier(16)
 
 
 def in_batches(fn, x_N3HW):
     return FeatureNet("f", "", "", 0, lambda x: (fn(x), None), False).features_and_probs(x_N3HW, "cpu")[0]
 
 
-def test_classifier_heldout_accuracy_is_high_and_cached(mnist_clf):
-    model, acc, path = mnist_clf
+def test_shipped_classifier_is_pinned_and_its_recorded_accuracy_holds(mnist_clf):
+    model, acc = mnist_clf
     assert acc > 0.96
     x, y = mnist_dataset("val", resolution=16).tensors
-    assert evaluate_accuracy(model, x, y) == pytest.approx(acc)
-    # Second call loads the cache (no retraining): same weights, same reported accuracy.
-    mtime = os.path.getmtime(path)
-    model2, acc2 = load_or_train_mnist_classifier(path, seed=0, resolution=16)
-    assert acc2 == acc and os.path.getmtime(path) == mtime
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
-    assert [f for f in os.listdir(os.path.dirname(path))] == ["mnist_classifier_16px.safetensors"]  # no temp file
+    assert evaluate_accuracy(model, x, y) == acc  # recomputed here, in this machine's arithmetic
+    assert tensors_sha256(model.state_dict()) == SHIPPED[16][1]
+    net, _ = mnist_net(Path("/nonexistent-cache-dir"), 16)  # the shipped network needs no cache and no training
+    assert net.weights_sha256 == SHIPPED[16][1] and "shipped" in net.description
+
+
+def test_a_tampered_shipped_classifier_is_refused(monkeypatch):
+    import eval.networks.mnist_cnn as clf
+
+    monkeypatch.setitem(clf.SHIPPED, 16, (SHIPPED[16][0], "0" * 64))
+    with pytest.raises(RuntimeError, match="tensor hash"):
+        load_shipped_mnist_classifier(16)
+
+
+def test_training_recipe_learns_the_digits_in_one_epoch():
+    model, acc = train_mnist_classifier(seed=0, resolution=16, epochs=1)
+    assert acc > 0.85 and not model.training
 
 
 def test_classifier_features_give_a_sensible_fid(mnist_clf):
     # Real held-out digits must be closer to the train digits than noisy or single-class sets are, and precision /
     # recall must tell fidelity from diversity. (Absolute values are large: unnormalised 128-d features, 500 samples.)
-    model, _, _ = mnist_clf
+    model, _ = mnist_clf
     train, val = mnist_dataset("train"), mnist_dataset("val")
     f_train = in_batches(model.features, train.tensors[0][:2000])
     f_val = in_batches(model.features, val.tensors[0])
@@ -71,7 +81,7 @@ def test_classifier_features_give_a_sensible_fid(mnist_clf):
 
 
 def test_classifier_accepts_other_resolutions(mnist_clf):
-    model, _, _ = mnist_clf
+    model, _ = mnist_clf
     # Any input size is resized to the network's 32 px input; accuracy is only high at the resolution it was trained
     # at (16 px digits here: the blur is part of what it learnt), which is why its cache is keyed by resolution.
     x32, y = mnist_dataset("val", resolution=32).tensors

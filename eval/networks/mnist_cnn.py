@@ -1,10 +1,16 @@
-"""A small CNN for the embedded MNIST digits: trained once (seeded, training split only) and cached as safetensors.
+"""A small CNN for the embedded MNIST digits: the feature space of the embedded dataset's FID / precision / recall;
+its logits give class accuracy and the classifier score. It knows nothing of ImageNet: its numbers are not comparable
+with Inception FID.
 
-Its penultimate layer is the feature space of the embedded dataset's FID / precision / recall, its logits give class
-accuracy and the classifier score. It knows nothing of ImageNet: its numbers are not comparable with Inception FID.
+The network at the demo's 16 px ships with the package (SHIPPED: trained once with train_mnist_classifier, seed 0,
+and pinned by the hash of its tensors), so every machine scores in the same feature space: retraining, even from
+the same seed, gives different weights on another CPU or torch build. Other resolutions are trained on first use
+and cached; their records say so.
 """
 from __future__ import annotations
 
+import argparse
+import importlib.resources
 import logging
 import os
 import time
@@ -17,12 +23,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from var_mclr.data import mnist_dataset
-from var_mclr.files import atomic_write
+from var_mclr.files import atomic_write, tensors_sha256
 
 log = logging.getLogger(__name__)
 
 CNN_FORMAT = "var-mclr/mnist-cnn/v1"  # bump when the architecture or recipe changes, so stale caches retrain
 CNN_RES = 32  # the network's input size; images of other sizes are resized to it
+# resolution -> (file in this package, sha256 of its tensors: var_mclr.files.tensors_sha256)
+SHIPPED = {16: ("mnist_cnn_16px_v1.safetensors", "4424d21734dbcf543decba4b6fd5f9b126698ddae1a1418be30ec749b807286e")}
 
 
 class MnistCNN(nn.Module):
@@ -139,6 +147,27 @@ def _train_mnist_classifier(seed: int, resolution: int, epochs: int, batch_size:
     return model, acc
 
 
+def _load(path, meta: dict) -> MnistCNN:
+    model = MnistCNN(num_classes=int(meta["num_classes"]))
+    model.load_state_dict(load_file(path))
+    return model.eval()
+
+
+def load_shipped_mnist_classifier(resolution: int) -> tuple[MnistCNN, float]:
+    """The packaged eval classifier at `resolution` (a key of SHIPPED) and its recorded held-out accuracy; refuses
+    weights whose tensor hash is not the pinned one."""
+    name, sha = SHIPPED[resolution]
+    path = importlib.resources.files("eval.networks") / name
+    with importlib.resources.as_file(path) as local:
+        with safe_open(local, framework="pt") as f:
+            meta = f.metadata() or {}
+        model = _load(local, meta)
+    got = tensors_sha256(model.state_dict())
+    if got != sha:
+        raise RuntimeError(f"{name}: tensor hash {got} is not the pinned {sha}; reinstall the package")
+    return model, float(meta["heldout_acc"])
+
+
 def load_or_train_mnist_classifier(cache_path: str, seed: int = 0, resolution: int = 32) -> tuple[MnistCNN, float]:
     """The eval classifier for the embedded dataset at `resolution`: loaded from `cache_path` or trained once there.
 
@@ -151,10 +180,7 @@ def load_or_train_mnist_classifier(cache_path: str, seed: int = 0, resolution: i
             with safe_open(cache_path, framework="pt") as f:
                 meta = f.metadata() or {}
             if all(meta.get(k) == v for k, v in want.items()):
-                model = MnistCNN(num_classes=int(meta["num_classes"]))
-                model.load_state_dict(load_file(cache_path))
-                model.eval()
-                return model, float(meta["heldout_acc"])
+                return _load(cache_path, meta), float(meta["heldout_acc"])
             log.warning("classifier cache %s is for %s, not %s: retraining", cache_path,
                         {k: meta.get(k) for k in want}, want)
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
@@ -164,3 +190,18 @@ def load_or_train_mnist_classifier(cache_path: str, seed: int = 0, resolution: i
     meta = {**want, "num_classes": str(model.num_classes), "heldout_acc": repr(acc)}
     atomic_write(Path(cache_path), lambda tmp: save_file(state, tmp, metadata=meta))
     return model, acc
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the eval classifier at a resolution and print the tensor hash to pin in SHIPPED (maintainers only)."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--out", required=True, help="where to write the .safetensors")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model, _ = load_or_train_mnist_classifier(args.out, seed=0, resolution=args.resolution)
+    log.info("tensor sha256 %s", tensors_sha256(model.state_dict()))
+
+
+if __name__ == "__main__":
+    main()
