@@ -50,6 +50,7 @@ def main() -> None:
 
     def step_for(name):
         objective, loss_cfg = OBJECTIVES[name], LossConfig()
+        loss_cfg.mclr.tau = 0.1  # a number: "auto" is resolved by the trainer from a real starting model
 
         def run():
             plan = objective.plan(loss_cfg, label_B, 1000, 0.0, torch.Generator().manual_seed(1))

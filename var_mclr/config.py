@@ -258,6 +258,11 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
                 "train.grad_accum": cfg.train.grad_accum, "data.num_classes": cfg.data.num_classes,
                 "data.resolution": cfg.data.resolution, "loss.mclr.K": cfg.loss.mclr.K}
     errors += [f"{k} must be positive, got {v}" for k, v in positive.items() if v <= 0]
+    tau = cfg.loss.mclr.tau
+    if isinstance(tau, str) and tau != "auto":
+        errors.append(f"loss.mclr.tau = {tau!r} must be a number >= 0, null (uncapped) or auto")
+    if not cfg.loss.mclr.tau_multiple > 0:
+        errors.append(f"loss.mclr.tau_multiple must be > 0, got {cfg.loss.mclr.tau_multiple}")
     if not 0 <= cfg.train.class_dropout < 1:
         errors.append(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
     if cfg.model.embed_dim % cfg.model.num_heads:

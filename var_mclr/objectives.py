@@ -22,7 +22,10 @@ from var_mclr.likelihood import NEGATIVE_MODES, cca_labels, loglik_under_classes
 class MCLRConfig:
     lam: float = 1.0
     K: int = 1
-    tau: float | None = 0.05  # per-token cap on the log-ratio; null = uncapped (collapses: docs/method.md, "The cap")
+    # Per-token cap on the log-ratio (docs/method.md, "The cap"): a number; null = uncapped (collapses); "auto" =
+    # tau_multiple x the starting model's mean per-token log-ratio on training pairs (var_mclr/calibration.py).
+    tau: float | str | None = "auto"
+    tau_multiple: float = 2.0
     negatives: str = "uniform"  # uniform | roll | null | mixed
     smooth_cap: bool = False
 
@@ -113,6 +116,8 @@ def loss_nll(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, 
 
 def loss_mclr(cfg: LossConfig, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
     m = cfg.mclr
+    if isinstance(m.tau, str):
+        raise ValueError(f"loss.mclr.tau = {m.tau!r} must be resolved to a number first (var_mclr.calibration)")
     return losses.mclr_loss(l_BK[:, 0], l_BK[:, 1:], L, lam=m.lam, tau=m.tau, smooth_cap=m.smooth_cap,
                             exclude_BK=mask_BK[:, 1:])
 

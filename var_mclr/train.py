@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy
+from var_mclr.calibration import AUTO, resolve_auto_tau
 from var_mclr.checkpoints import save_model
 from var_mclr.config import Config, config_arg_parser, load_config, save_config
 from var_mclr.data import build_dataset
@@ -171,14 +172,19 @@ def _train(cfg: Config) -> Path:
         state = load_training_state(existing[-1], model, optimizer, scheduler)
         start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         log.info("resumed from %s at step %d", existing[-1], start_step)
+        if cfg.loss.mclr.tau == AUTO:  # resolved when the run started; never re-measured on the fine-tuned model
+            cfg.loss.mclr.tau = state.get("config", {}).get("loss", {}).get("mclr", {}).get("tau", AUTO)
         changed = _changed_keys(state.get("config", {}), cfg.to_dict())
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
         if accelerator.is_main_process:
             _truncate_metrics(out_dir / "metrics.jsonl", start_step)
-    elif accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+    else:
+        if t.objective == "mclr" and cfg.loss.mclr.tau == AUTO:  # every process measures the same pairs
+            cfg.loss.mclr.tau = resolve_auto_tau(model, tokens, cfg.loss, cfg.data.num_classes, cfg.run.seed)
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.yaml")  # with the resolved cap
 
     images = None
     if not tokens.cached:  # decode and encode images on the fly, DataLoader workers reading ahead

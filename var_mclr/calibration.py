@@ -1,0 +1,60 @@
+"""MCLR's cap chosen from the model being fine-tuned (docs/method.md, "The cap").
+
+A cap below the starting model's typical per-token log-ratio on the training pairs caps every pair, and MCLR becomes
+nll fine-tuning; a fixed number cannot be right for every dataset and model. `loss.mclr.tau: auto` measures the
+mean per-token log-ratio of the starting model on training pairs drawn as MCLR draws them, and sets
+tau = tau_multiple x that mean.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from var_mclr.likelihood import loglik_under_classes
+from var_mclr.objectives import LossConfig, plan_mclr
+from var_mclr.tokens import TokenStore
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+# Below this the starting model barely tells classes apart (e.g. a fresh initialisation): no cap is informative.
+MIN_MEAN_LOG_RATIO = 1e-3
+
+
+@torch.no_grad()
+def mean_log_ratio_per_token(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int,
+                             num_images: int = 512, batch_size: int = 64) -> float:
+    """Mean of (l(x, c) - l(x, c')) / L over up to num_images training images and their MCLR negatives (roll
+    collisions excluded), with the model in evaluation mode."""
+    was_training = var.training
+    var.eval()
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(tokens), generator=gen)[:num_images]
+    total, count = 0.0, 0
+    for indices in chosen.split(batch_size):
+        plan = plan_mclr(loss_cfg, tokens.labels_N[indices], num_classes, 0.0, gen)
+        idx_BL, x_BLCv = tokens.batch(indices)
+        l_BK = loglik_under_classes(var, plan.classes_BK.to(idx_BL.device), x_BLCv, idx_BL).float()
+        keep_BK = ~plan.mask_BK[:, 1:].to(l_BK.device)
+        ratio_BK = (l_BK[:, :1] - l_BK[:, 1:]) / idx_BL.shape[1]
+        total += float(ratio_BK[keep_BK].sum())
+        count += int(keep_BK.sum())
+    var.train(was_training)
+    if count == 0:
+        raise ValueError("every sampled negative equals its positive: the dataset needs at least two classes")
+    return total / count
+
+
+def resolve_auto_tau(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int) -> float:
+    """The cap tau = loss.mclr.tau_multiple x the starting model's mean per-token log-ratio on training pairs."""
+    m = loss_cfg.mclr
+    mean = mean_log_ratio_per_token(var, tokens, loss_cfg, num_classes, seed)
+    if mean < MIN_MEAN_LOG_RATIO:
+        raise ValueError(f"loss.mclr.tau = auto: the starting model's mean log-ratio per token on training pairs is "
+                         f"{mean:.3g}, so it barely separates classes; fine-tune from a trained conditional model "
+                         f"(model.init) or set loss.mclr.tau to a number")
+    tau = m.tau_multiple * mean
+    log.info("loss.mclr.tau = auto: mean log-ratio per token on training pairs %.4f x tau_multiple %g -> tau %.4f",
+             mean, m.tau_multiple, tau)
+    return tau
