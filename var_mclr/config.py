@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from tokenizer.model import VQVAEConfig
+from var_mclr.errors import UserError, add_debug_flag
 from var_mclr.files import write_text_atomic
 from var_mclr.kernels.logprob import IMPLS as LOGPROB_KERNELS
 from var_mclr.likelihood import NEGATIVE_MODES
@@ -27,7 +29,7 @@ from var_mclr.model import VARConfig
 from var_mclr.objectives import OBJECTIVES, LossConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -156,13 +158,24 @@ CHOICES = {
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
+def _parse_yaml(text: str, where: str):
+    """YAML, or a ConfigError naming the file (or override) and the line instead of PyYAML's traceback."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}{at}: malformed YAML: {problem}") from e
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path in seen:
         raise ConfigError(f"config inheritance loops through {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = raw.pop("base", None)
@@ -188,7 +201,7 @@ def _apply_override(tree: dict, assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {p} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = _parse_yaml(value, f"override {assignment!r}")
 
 
 # ---- checking ------------------------------------------------------------------------------------------------
@@ -265,6 +278,7 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
         errors.append(f"loss.mclr.tau_multiple must be > 0, got {cfg.loss.mclr.tau_multiple}")
     if not 0 <= cfg.train.class_dropout < 1:
         errors.append(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
+    errors += _range_errors(cfg)
     if cfg.model.embed_dim % cfg.model.num_heads:
         errors.append(f"model.embed_dim {cfg.model.embed_dim} is not divisible by "
                       f"model.num_heads {cfg.model.num_heads}")
@@ -278,6 +292,55 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
         errors.append("data.root must be set for data.name = imagefolder")
 
 
+def _range_errors(cfg: Config) -> list[str]:
+    """Numbers outside the range where they mean what their name says. Each of these used to train silently wrong
+    (grad_clip < 0 ascends the gradient, 0 freezes the model, min_lr_ratio < 0 gives a negative rate) or to fail only
+    after files were written (ckpt_every 0, log_every 0, tokenizer_train.steps 0)."""
+    t, loss, tt, run = cfg.train, cfg.loss, cfg.tokenizer_train, cfg.run
+
+    def pos(v) -> bool:  # finite and > 0
+        return math.isfinite(v) and v > 0
+
+    def nonneg(v) -> bool:
+        return math.isfinite(v) and v >= 0
+
+    def share(v) -> bool:  # [0, 1)
+        return 0 <= v < 1
+
+    tau = loss.mclr.tau
+    rules = [
+        ("train.lr", t.lr, pos, "a finite number > 0"),
+        ("train.weight_decay", t.weight_decay, nonneg, "a finite number >= 0"),
+        ("train.warmup_steps", t.warmup_steps, lambda v: v >= 0, "an integer >= 0"),
+        ("train.min_lr_ratio", t.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+        # inf is allowed: clip_grad_norm_ then measures the norm without clipping.
+        ("train.grad_clip", t.grad_clip, lambda v: v > 0, "> 0 (.inf turns clipping off)"),
+        ("train.betas", t.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        ("train.max_nonfinite_in_row", t.max_nonfinite_in_row, lambda v: v >= 1, "an integer >= 1"),
+        ("loss.mclr.lam", loss.mclr.lam, nonneg, "a finite number >= 0"),
+        ("loss.mclr.tau", tau, lambda v: v is None or isinstance(v, str) or v >= 0,
+         "a number >= 0, null (uncapped) or auto"),
+        ("loss.cca.beta", loss.cca.beta, pos, "a finite number > 0"),
+        ("loss.cca.lam", loss.cca.lam, nonneg, "a finite number >= 0"),
+        ("loss.cca.uncond_ratio", loss.cca.uncond_ratio, share, "in [0, 1)"),
+        ("loss.cc_dpo.beta", loss.cc_dpo.beta, pos, "a finite number > 0"),
+        ("loss.cc_dpo.uncond_ratio", loss.cc_dpo.uncond_ratio, share, "in [0, 1)"),
+        ("loss.unlearning.lam", loss.unlearning.lam, nonneg, "a finite number >= 0"),
+        ("loss.unlearning.uncond_ratio", loss.unlearning.uncond_ratio, share, "in [0, 1)"),
+        ("run.log_every", run.log_every, lambda v: v > 0, "an integer > 0"),
+        ("run.ckpt_every", run.ckpt_every, lambda v: v > 0, "an integer > 0"),
+        ("run.keep_ckpts", run.keep_ckpts, lambda v: v >= 1, "an integer >= 1"),
+        ("data.num_workers", cfg.data.num_workers, lambda v: v >= 0, "an integer >= 0"),
+        ("tokenizer_train.steps", tt.steps, lambda v: v > 0, "an integer > 0"),
+        ("tokenizer_train.batch_size", tt.batch_size, lambda v: v > 0, "an integer > 0"),
+        ("tokenizer_train.lr", tt.lr, pos, "a finite number > 0"),
+        ("tokenizer_train.warmup_steps", tt.warmup_steps, lambda v: v >= 0, "an integer >= 0"),
+        ("tokenizer_train.grad_clip", tt.grad_clip, lambda v: v > 0, "> 0 (.inf turns clipping off)"),
+    ]
+    return [f"{key} = {value!r} is out of range: must be {allowed}" for key, value, ok, allowed in rules
+            if not ok(value)]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), check_files: bool = True) -> Config:
     tree = _read_yaml(Path(path)) if path is not None else {}
     for assignment in overrides:
@@ -287,6 +350,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), check
     if not errors:
         _check_values(cfg, errors, check_files)
     if errors:
+        if len(errors) == 1:  # one line, as every user error is reported
+            raise ConfigError(f"{path}: {errors[0]}" if path else errors[0])
         where = f" in {path}" if path else ""
         raise ConfigError(f"{len(errors)} problem(s){where}:\n  " + "\n  ".join(errors))
     return cfg
@@ -297,7 +362,7 @@ def config_arg_parser(description: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True, help="YAML config (may name a parent with `base:`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-5")
-    return p
+    return add_debug_flag(p)
 
 
 def save_config(cfg: Config, path: Path) -> None:
