@@ -1,0 +1,191 @@
+"""Strength frontiers on the embedded MNIST: every method's strength knob swept, FID and precision against recall.
+
+    python -m experiments.frontier --seeds 0 1 2 --num-samples 5000
+
+Each method keeps its tuned settings (configs/mnist/*.yaml, chosen by experiments/sweep.py) and varies one knob over
+values fixed here before any run: CFG's scale w on the base, MCLR's lam at its tuned cap, CCA's lam at its tuned
+beta, CC-DPO's beta. Every point is a guidance-free sample of a fine-tuned model (CFG: of the base, guided), scored
+in the shipped classifier's features with the same seed and sample count.
+
+Decision rule, stated before running: at matched recall, lower FID wins. The comparison interpolates each method's
+mean FID linearly in recall over the recall range both methods cover, and reports the mean FID gap there and the
+recalls where the frontiers cross. Writes frontier.md / frontier.json under ROOT/frontier-n{N}-s{seeds} and the plot
+to docs/frontier.png (--plot).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+
+from eval.fid import evaluate, feature_backend  # noqa: E402
+from eval.sampling_run import load_for_eval  # noqa: E402
+from eval.settings import EvalSettings  # noqa: E402
+from experiments.demo import pipeline, run_stage, stage  # noqa: E402
+from var_mclr.checkpoints import read_model_info  # noqa: E402
+from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
+from var_mclr.train import train  # noqa: E402
+
+log = logging.getLogger("experiments.frontier")
+
+# method -> (knob, values): fixed before running; the fine-tuned methods' other settings come from their config.
+KNOBS = {
+    "cfg": ("cfg_scale", [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]),
+    "mclr": ("loss.mclr.lam", [1.0, 3.0, 10.0, 30.0, 100.0]),
+    "cca": ("loss.cca.lam", [1.0, 10.0, 50.0, 100.0, 1000.0]),
+    "cc_dpo": ("loss.cc_dpo.beta", [0.005, 0.01, 0.02, 0.05, 0.1]),
+}
+METRICS = ("fid", "precision", "recall", "class_accuracy")
+
+
+def point_metrics(method: str, value: float, seed: int, root: Path, base: Path, common: EvalSettings, net, ref,
+                  accelerator) -> dict:
+    """Metrics of one (method, knob value, seed) point; trained and scored once, then read back."""
+    knob = KNOBS[method][0]
+    if method == "cfg":
+        ckpt, out = base, root / f"frontier-points-n{common.num_samples}" / f"cfg{value:g}-s{seed}"
+        run = dataclasses.replace(common, ckpt=str(base), guidance="cfg", cfg_scale=value, seed=seed)
+    else:
+        tok = read_model_info(base)["source_config"]["tokenizer"]["checkpoint"]
+        overrides = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", f"model.init={base}", f"{knob}={value}"]
+        cfg, ckpt = stage(f"frontier-{method}-s{seed}", f"{method}.yaml", root, overrides)
+        run_stage(cfg, ckpt, train)
+        out = root / f"frontier-points-n{common.num_samples}" / f"{ckpt.parent.name}"
+        run = dataclasses.replace(common, ckpt=str(ckpt), guidance="none", cfg_scale=0.0, seed=seed)
+    row_file = out / "point.json"
+    if row_file.is_file():
+        return json.loads(row_file.read_text())
+    metrics = evaluate(dataclasses.replace(run, out_dir=str(out)), net, ref, accelerator)["metrics"]
+    row = {k: metrics.get(k) for k in METRICS}
+    write_text_atomic(row_file, json.dumps(row))
+    return row
+
+
+def summarise(points: dict) -> dict:
+    """method -> list of {value, metric: {mean, std, values}} in knob order."""
+    out = {}
+    for method, by_value in points.items():
+        out[method] = []
+        for value, rows in by_value.items():
+            entry = {"value": value}
+            for k in METRICS:
+                vals = [r[k] for r in rows if r.get(k) is not None]
+                if vals:
+                    entry[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                "values": vals}
+            out[method].append(entry)
+    return out
+
+
+def _curve(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    recall = np.array([e["recall"]["mean"] for e in entries])
+    fid = np.array([e["fid"]["mean"] for e in entries])
+    order = np.argsort(recall)
+    return recall[order], fid[order]
+
+
+def matched_recall(summary: dict, a: str, b: str, n: int = 50) -> dict:
+    """Method a against b at matched recall: mean FID gap (a - b; negative = a lower) over the shared recall range,
+    and the recalls where the linearly interpolated frontiers cross."""
+    ra, fa = _curve(summary[a])
+    rb, fb = _curve(summary[b])
+    lo, hi = max(ra.min(), rb.min()), min(ra.max(), rb.max())
+    if lo >= hi:
+        return {"overlap": None, "mean_fid_gap": None, "crossings": []}
+    grid = np.linspace(lo, hi, n)
+    gap = np.interp(grid, ra, fa) - np.interp(grid, rb, fb)
+    sign = np.sign(gap)
+    nonzero = np.flatnonzero(sign)  # a crossing lies between two grid points of opposite, non-zero sign
+    crossings = [float((grid[i] + grid[j]) / 2) for i, j in zip(nonzero, nonzero[1:]) if sign[i] != sign[j]]
+    return {"overlap": [float(lo), float(hi)], "mean_fid_gap": float(gap.mean()), "a_lower_share": float((gap < 0).mean()),
+            "crossings": crossings}
+
+
+def plot(summary: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (method, entries) in enumerate(summary.items()):
+        r = [e["recall"]["mean"] for e in entries]
+        r_err = [e["recall"]["std"] for e in entries]
+        for ax, key in ((axes[0], "fid"), (axes[1], "precision")):
+            y = [e[key]["mean"] for e in entries]
+            y_err = [e[key]["std"] for e in entries]
+            ax.errorbar(r, y, xerr=r_err, yerr=y_err, fmt="o-", color=f"C{i}", capsize=2,
+                        label=f"{method} ({KNOBS[method][0].split('.')[-1]})")
+            for e, xx, yy in zip(entries, r, y):
+                ax.annotate(f"{e['value']:g}", (xx, yy), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    axes[0].set_ylabel("FID, classifier features (lower is better)")
+    axes[1].set_ylabel("precision")
+    for ax in axes:
+        ax.set_xlabel("recall")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/mnist")
+    p.add_argument("--seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--num-samples", type=int, default=5000)
+    p.add_argument("--methods", nargs="*", default=list(KNOBS), choices=list(KNOBS))
+    p.add_argument("--plot", default=None, help="also write the figure here (e.g. docs/frontier.png)")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    points: dict[str, dict[float, list[dict]]] = {m: {v: [] for v in KNOBS[m][1]} for m in args.methods}
+    for seed in args.seeds:
+        base = pipeline(root, seed, [])["base"]
+        common = EvalSettings(ckpt=str(base), num_samples=args.num_samples, cache_dir=str(root / "cache"))
+        vae, _, _ = load_for_eval(str(base))
+        net, ref = feature_backend(common, vae.resolution, accelerator.device)
+        for method in args.methods:
+            for value in KNOBS[method][1]:
+                row = point_metrics(method, value, seed, root, base, common, net, ref, accelerator)
+                points[method][value].append(row)
+                log.info("seed %d %s %s=%g: %s", seed, method, KNOBS[method][0], value, row)
+    summary = summarise(points)
+    out = root / f"frontier-n{args.num_samples}-s{'-'.join(map(str, args.seeds))}"
+    lines = ["| method | knob | value | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
+    for method, entries in summary.items():
+        for e in entries:
+            cells = [f"{e[k]['mean']:.4g} ± {e[k]['std']:.2g}" if k in e else "n/a" for k in METRICS]
+            lines.append(f"| {method} | {KNOBS[method][0]} | {e['value']:g} | " + " | ".join(cells) + " |")
+    verdicts = {}
+    if "mclr" in summary:
+        lines += ["", "At matched recall (mean FID gap, MCLR minus the other; negative = MCLR lower):", ""]
+        for other in summary:
+            if other == "mclr":
+                continue
+            v = verdicts[other] = matched_recall(summary, "mclr", other)
+            if v["overlap"] is None:
+                lines.append(f"- vs {other}: the recall ranges do not overlap")
+            else:
+                lines.append(f"- vs {other}: recall {v['overlap'][0]:.3f}-{v['overlap'][1]:.3f}, mean gap "
+                             f"{v['mean_fid_gap']:+.2f}, MCLR lower on {100 * v['a_lower_share']:.0f}% of it, "
+                             f"crossings at {', '.join(f'{c:.3f}' for c in v['crossings']) or 'none'}")
+    table = "\n".join(lines) + "\n"
+    write_text_atomic(out / "frontier.md", table)
+    write_text_atomic(out / "frontier.json", json.dumps({"summary": summary, "matched_recall": verdicts,
+                                                          "seeds": args.seeds}, indent=2))
+    plot(summary, out / "frontier.png")
+    if args.plot:
+        plot(summary, Path(args.plot))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

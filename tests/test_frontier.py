@@ -1,0 +1,25 @@
+"""The frontier verdict (experiments/frontier.py): FID compared at matched recall, crossings located."""
+import pytest
+
+from experiments.frontier import matched_recall
+
+
+def _entries(points):
+    return [{"value": i, "recall": {"mean": r, "std": 0.0}, "fid": {"mean": f, "std": 0.0}}
+            for i, (r, f) in enumerate(points)]
+
+
+def test_matched_recall_gap_and_crossing():
+    # a: FID 10 everywhere; b: FID falls linearly from 14 at recall 0.2 to 6 at recall 0.6 -> they cross at 0.4
+    summary = {"a": _entries([(0.3, 10.0), (0.5, 10.0), (0.1, 10.0), (0.7, 10.0)]),
+               "b": _entries([(0.6, 6.0), (0.2, 14.0)])}  # unsorted on purpose
+    v = matched_recall(summary, "a", "b", n=401)
+    assert v["overlap"] == pytest.approx([0.2, 0.6])
+    assert v["mean_fid_gap"] == pytest.approx(0.0, abs=1e-9)  # symmetric around the crossing
+    assert len(v["crossings"]) == 1 and v["crossings"][0] == pytest.approx(0.4, abs=1e-3)
+    assert v["a_lower_share"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_disjoint_recall_ranges_give_no_verdict():
+    summary = {"a": _entries([(0.1, 1.0), (0.2, 1.0)]), "b": _entries([(0.5, 1.0), (0.6, 1.0)])}
+    assert matched_recall(summary, "a", "b")["overlap"] is None
