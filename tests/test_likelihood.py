@@ -251,3 +251,30 @@ def test_mclr_steps_on_encoded_images_raise_the_log_ratio(vae, var):
     assert after_mclr > before + 1.0
     assert after_mclr - before > 2 * abs(after_nll - before)
     assert set(stats) >= {"loss", "nll", "log_ratio", "ratio_acc", "capped_frac"}
+
+
+def test_all_negatives_score_every_mismatched_class_once():
+    label_B = torch.tensor([0, 3, 9, 5])
+    neg_BK, collided_BK = sample_negatives(label_B, 10, K=9, mode="all")
+    for b, label in enumerate(label_B.tolist()):
+        assert sorted(neg_BK[b].tolist()) == [c for c in range(10) if c != label]
+    assert not bool(collided_BK.any())
+    with pytest.raises(ValueError, match="K must be 9"):
+        sample_negatives(label_B, 10, K=3, mode="all")
+    with pytest.raises(ValueError, match="null-class"):
+        sample_negatives(torch.tensor([10]), 10, K=9, mode="all")
+
+
+def test_mclr_class_dropout_trains_the_null_class_by_nll_alone():
+    from var_mclr.objectives import LossConfig, plan_mclr
+    cfg = LossConfig()
+    labels = torch.arange(400) % 10
+    plan = plan_mclr(cfg, labels, 10, 0.25, torch.Generator().manual_seed(0))
+    dropped = plan.classes_BK[:, 0] == 10
+    assert 0.18 < float(dropped.float().mean()) < 0.32
+    assert bool(plan.mask_BK[dropped, 1:].all())  # no ratio term for a row without a true class
+    assert torch.equal(plan.classes_BK[~dropped, 0], labels[~dropped])
+    # without dropout the plan draws exactly what it drew before dropout existed (same generator stream)
+    a = plan_mclr(cfg, labels, 10, 0.0, torch.Generator().manual_seed(0))
+    neg, _ = sample_negatives(labels, 10, K=1, mode="uniform", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.classes_BK[:, 1:], neg)

@@ -106,7 +106,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 2.0
     mixed_precision: str = "no"  # no | bf16 | fp16
-    class_dropout: float = 0.0  # nll objective: share of labels replaced by the null class (pretraining: 0.1)
+    # nll and mclr: share of labels replaced by the null class (pretraining: 0.1); the reference baselines null-mask
+    # with their own loss.*.uncond_ratio instead.
+    class_dropout: float = 0.0
     max_nonfinite_in_row: int = 10
     kernels: str = "auto"  # auto | naive | chunked | triton: the token log-prob implementation
     # CPU only: flush subnormal floats to zero. Once a mismatched class's tokens become very unlikely (smooth or no

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 
-NEGATIVE_MODES = ("uniform", "roll", "null", "mixed")
+NEGATIVE_MODES = ("uniform", "roll", "null", "mixed", "all")
 
 
 # ---- log-likelihoods -------------------------------------------------------------------------------------
@@ -114,6 +114,7 @@ def sample_negatives(label_B: torch.Tensor, num_classes: int, K: int = 1, mode: 
                Deterministic, so K > 1 only repeats it.
       mixed:   each negative independently is the null class with probability null_frac (default 1/2) and
                otherwise a uniform mismatched class; in expectation the loss is the average of the two modes.
+      all:     every mismatched class once (K must be C - 1): the exact mean over classes, no sampling.
     """
     if mode not in NEGATIVE_MODES:
         raise ValueError(f"unknown negative mode {mode!r}; expected one of {NEGATIVE_MODES}")
@@ -132,6 +133,15 @@ def sample_negatives(label_B: torch.Tensor, num_classes: int, K: int = 1, mode: 
 
     if mode == "null":
         neg_BK = torch.full((B, K), num_classes, dtype=torch.long, device=device)
+        return neg_BK, neg_BK == label_BK
+
+    if mode == "all":
+        if K != num_classes - 1:
+            raise ValueError(f"negatives = all scores every mismatched class: K must be {num_classes - 1}, got {K}")
+        if bool((label_B >= num_classes).any()):
+            raise ValueError("negatives = all needs a true class for every sample (no null-class labels)")
+        r_BK = torch.arange(K, device=device).unsqueeze(0).expand(B, K)
+        neg_BK = r_BK + (r_BK >= label_BK).long()
         return neg_BK, neg_BK == label_BK
 
     # uniform: r in [0, C-2], shifted past the label, hits each wrong class exactly once.

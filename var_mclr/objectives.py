@@ -84,8 +84,13 @@ def plan_nll(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dro
 def plan_mclr(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
               generator: torch.Generator) -> ClassPlan:
     m = cfg.mclr
-    neg_GK, collision_GK = sample_negatives(label_G, num_classes, K=m.K, mode=m.negatives, generator=generator)
-    return ClassPlan(torch.cat((label_G.unsqueeze(1), neg_GK), 1), torch.cat((_no_flags(label_G), collision_GK), 1))
+    neg_GK, exclude_GK = sample_negatives(label_G, num_classes, K=m.K, mode=m.negatives, generator=generator)
+    pos_G = label_G
+    if class_dropout > 0:  # dropped rows train the null class by nll alone: their ratio terms are excluded
+        drop_G = torch.rand(label_G.shape, generator=generator) < class_dropout
+        pos_G = torch.where(drop_G, torch.full_like(label_G, num_classes), label_G)
+        exclude_GK = exclude_GK | drop_G.unsqueeze(1)
+    return ClassPlan(torch.cat((pos_G.unsqueeze(1), neg_GK), 1), torch.cat((_no_flags(label_G), exclude_GK), 1))
 
 
 def _plan_pairs(uncond_ratio: float, label_G: torch.Tensor, num_classes: int,
