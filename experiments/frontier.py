@@ -59,7 +59,8 @@ def point_metrics(method: str, value: float, seed: int, root: Path, base: Path, 
     else:
         tok = read_model_info(base)["source_config"]["tokenizer"]["checkpoint"]
         overrides = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", f"model.init={base}", f"{knob}={value}"]
-        cfg, ckpt = stage(f"frontier-{method}-s{seed}", f"{method}.yaml", root, overrides)
+        # the sweep's stage name: a point whose settings the sweep already trained is reused, not retrained
+        cfg, ckpt = stage(f"sweep-{method}-s{seed}", f"{method}.yaml", root, overrides)
         run_stage(cfg, ckpt, train)
         out = root / f"frontier-points-n{common.num_samples}" / f"{ckpt.parent.name}"
         run = dataclasses.replace(common, ckpt=str(ckpt), guidance="none", cfg_scale=0.0, seed=seed)
