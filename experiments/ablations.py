@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     root = Path(args.root)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    base = pipeline(root, args.seed, [])["base"]
+    base = pipeline(root, args.seed, [], finetunes=())["base"]
     tok = read_model_info(base)["source_config"]["tokenizer"]["checkpoint"]
     common = EvalSettings(ckpt=str(base), num_samples=args.num_samples, seed=args.seed, cache_dir=str(root / "cache"))
     vae, _, _ = load_for_eval(str(base))

@@ -52,14 +52,15 @@ def run_stage(cfg: Config, result: Path, fn) -> Path:
     return fn(cfg)
 
 
-def pipeline(root: Path, seed: int, extra: list[str]) -> dict[str, Path]:
+def pipeline(root: Path, seed: int, extra: list[str], finetunes: tuple[str, ...] = FINETUNES) -> dict[str, Path]:
+    """Tokenizer, base and the given fine-tuning stages (trained where not cached); their checkpoints by name."""
     tok_cfg, tok = stage("tokenizer", "tokenizer.yaml", root, extra)
     run_stage(tok_cfg, tok, train_tokenizer)
     common = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", *extra]
     pre_cfg, pre = stage(f"pretrain-s{seed}", "pretrain.yaml", root, common)
     run_stage(pre_cfg, pre, train)
     paths = {"base": pre}
-    for name in FINETUNES:
+    for name in finetunes:
         cfg, path = stage(f"{name}-s{seed}", f"{name}.yaml", root, [*common, f"model.init={pre}"])
         paths[name] = run_stage(cfg, path, train)
     return paths

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     points: dict[str, dict[float, list[dict]]] = {m: {v: [] for v in KNOBS[m][1]} for m in args.methods}
     for seed in args.seeds:
-        base = pipeline(root, seed, [])["base"]
+        base = pipeline(root, seed, [], finetunes=())["base"]
         common = EvalSettings(ckpt=str(base), num_samples=args.num_samples, cache_dir=str(root / "cache"))
         vae, _, _ = load_for_eval(str(base))
         net, ref = feature_backend(common, vae.resolution, accelerator.device)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="*", default=list(GRID))
     args = p.parse_args(argv)
     root = Path(args.root)
-    base = pipeline(root, args.seed, [])["base"]
+    base = pipeline(root, args.seed, [], finetunes=())["base"]
     common = EvalSettings(ckpt=str(base), num_samples=args.num_samples, cache_dir=str(root / "cache"))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     vae, _, _ = load_for_eval(str(base))
