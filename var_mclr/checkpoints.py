@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokenizer.model import VQVAE, VQVAEConfig
+from var_mclr.errors import UserError
 from var_mclr.files import atomic_write
 from var_mclr.model import VAR, VARConfig
 
@@ -30,8 +31,28 @@ def is_official_checkpoint(path: str | os.PathLike) -> bool:
     return Path(path).suffix in OFFICIAL_SUFFIXES
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
+
+
+def nonfinite_entries(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{name: count of inf/NaN values} of every floating-point tensor that holds any."""
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    return {k: n for k, n in counts.items() if n}
+
+
+def parameters_in(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of state that are the model's parameters (buffers such as attention masks hold -inf by design)."""
+    return {name: state[name] for name, _ in model.named_parameters() if name in state}
+
+
+def require_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding inf/NaN: such a model samples garbage, and training from it cannot recover."""
+    bad = nonfinite_entries(state)
+    if bad:
+        names = ", ".join(list(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+        raise CheckpointError(f"{source} holds non-finite weights ({sum(bad.values())} inf/NaN values in "
+                              f"{len(bad)} tensors: {names})")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -79,6 +100,7 @@ def load_official_vae(vae_path: str | os.PathLike, cfg: VQVAEConfig | None = Non
     # The codebook-hit EMA is a training statistic whose first dim depends on the schedule it was trained with.
     stat = "quantize.ema_vocab_hit_SV"
     check_state_dict(vae, state, str(vae_path), ignore_shape=(stat,))
+    require_finite(parameters_in(vae, state), str(vae_path))
     if stat in state and state[stat].shape != vae.quantize.ema_vocab_hit_SV.shape:
         state[stat] = vae.quantize.ema_vocab_hit_SV
     vae.load_state_dict(state, strict=True)
@@ -94,6 +116,7 @@ def load_official_var(var_path: str | os.PathLike, cfg: VARConfig) -> VAR:
                               f"but depth={cfg.depth} was asked for")
     var = VAR(cfg)
     check_state_dict(var, state, str(var_path))
+    require_finite(parameters_in(var, state), str(var_path))
     var.load_state_dict(state, strict=True)
     return var
 
@@ -134,7 +157,17 @@ def read_model_info(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint not found: {weights}")
     if not meta.is_file():
         raise CheckpointError(f"{weights} has no hyperparameter file {meta.name} beside it")
-    return json.loads(meta.read_text())
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta} is not valid JSON ({e})") from e
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' errors (a truncated file, say) do not name the file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
 def load_model(path: str | os.PathLike) -> VQVAE | VAR:
@@ -147,7 +180,8 @@ def load_model(path: str | os.PathLike) -> VQVAE | VAR:
         model = VAR(VARConfig(**info["config"]))
     else:
         raise CheckpointError(f"{weights}: unknown model kind {info.get('kind')!r}")
-    state = load_file(weights)
+    state = read_safetensors(weights)
     check_state_dict(model, state, str(weights))
+    require_finite(parameters_in(model, state), str(weights))
     model.load_state_dict(state, strict=True)
     return model

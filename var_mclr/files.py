@@ -36,6 +36,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         raise
 
 
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh directory to build in and rename into place, with the mode an ordinary mkdir() would give it
+    (tempfile's 0700 would make every checkpoint unreadable to colleagues)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

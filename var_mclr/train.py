@@ -3,8 +3,10 @@
     accelerate launch var_mclr/train.py --cfg configs/var_d16.yaml [--set train.lr=1e-5 ...]
     python -m var_mclr.train --cfg configs/mnist/mclr.yaml
 
-Rerunning the same command resumes from the newest checkpoint in run.out_dir. The final weights are written to
-run.out_dir/model.safetensors (+ model.json) for eval/fid.py.
+Rerunning the same command resumes from the newest checkpoint in run.out_dir that loads and holds finite weights.
+The final weights are written to run.out_dir/model.safetensors (+ model.json) for eval/fid.py. One run at a time
+holds run.out_dir; a directory that holds a run of another objective or architecture is refused unless --fresh
+(delete that run's outputs and start over) is given. Weights holding inf/NaN are never saved.
 """
 from __future__ import annotations
 
@@ -17,25 +19,28 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy
 from var_mclr.calibration import AUTO, resolve_auto_tau
-from var_mclr.checkpoints import save_model
-from var_mclr.config import Config, config_arg_parser, load_config, save_config
+from var_mclr.checkpoints import nonfinite_entries, parameters_in, save_model
+from var_mclr.config import Config, ConfigError, config_arg_parser, load_config, save_config
 from var_mclr.data import build_dataset
 from var_mclr.objectives import get_objective, objective_loss
+from var_mclr.errors import UserError, reporting_user_errors
+from var_mclr.files import write_text_atomic
+from var_mclr.run_dir import claim_run_dir, run_dir_lock
 from var_mclr.tokens import TokenStore
-from var_mclr.train_state import checkpoint_dirs, load_training_state, save_training_state
+from var_mclr.train_state import resume_newest, save_training_state
 
 log = logging.getLogger("var_mclr.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
@@ -131,10 +136,53 @@ def flushing_denormals(enabled: bool):
         torch.set_flush_denormal(False)
 
 
-def train(cfg: Config) -> Path:
-    """Run (or resume) the configured training; returns the path of the final weights."""
-    with flushing_denormals(cfg.train.flush_denormal):
+def train(cfg: Config, fresh: bool = False) -> Path:
+    """Run (or resume) the configured training; returns the path of the final weights. fresh: first delete what an
+    earlier run left in run.out_dir (required to change its objective or architecture)."""
+    with claimed_run_dir(cfg, fresh), flushing_denormals(cfg.train.flush_denormal):
         return _train(cfg)
+
+
+@contextlib.contextmanager
+def claimed_run_dir(cfg: Config, fresh: bool):
+    """The main process locks run.out_dir and checks it may hold this run, before anything is written; every process
+    learns the outcome, so none is left waiting for a main process that gave up."""
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with contextlib.ExitStack() as held:
+        error = None
+        if state.is_main_process:
+            try:
+                held.enter_context(run_dir_lock(Path(cfg.run.out_dir)))
+                claim_run_dir(Path(cfg.run.out_dir), cfg, fresh)
+            except UserError as e:
+                error = e
+        error = broadcast_object_list([error])[0]
+        if error is not None:
+            raise error
+        yield
+
+
+def _last_good(last_ckpt: Path | None, resumed_from: Path | None) -> str:
+    if last_ckpt is not None:
+        return f"The last good checkpoint is {last_ckpt}"
+    if resumed_from is not None:  # not one finite step since the resume: the checkpoint itself is bad
+        return (f"No good checkpoint: the one this run resumed from, {resumed_from}, gives non-finite losses itself "
+                "(rerun with --fresh to start over)")
+    return "No good checkpoint was written yet"
+
+
+def _savable(model: torch.nn.Module, step: int, nonfinite_in_row: int, last_good: str) -> bool:
+    """Whether the weights after `step` may be saved as a checkpoint or as the result.
+
+    Parameters holding inf/NaN stop the run (no later step can repair them). Finite weights whose latest step gave a
+    non-finite loss (e.g. blown up by too high a learning rate) are not saved either: False, and the caller skips
+    that checkpoint."""
+    bad = nonfinite_entries(parameters_in(model, model.state_dict()))
+    if bad:
+        raise NonFiniteLossError(
+            f"after step {step} the parameters hold {sum(bad.values())} inf/NaN values (e.g. {next(iter(bad))}); "
+            f"nothing was saved. {last_good}; lower train.lr or check the objective's settings")
+    return nonfinite_in_row == 0
 
 
 def _train(cfg: Config) -> Path:
@@ -151,14 +199,14 @@ def _train(cfg: Config) -> Path:
     ref = frozen_copy(var).train().to(device) if objective.needs_reference else None
     dataset = build_dataset(_dataset_args(cfg), "train")
     if dataset.num_classes != cfg.data.num_classes:
-        raise ValueError(f"the dataset has {dataset.num_classes} classes "
+        raise ConfigError(f"the dataset has {dataset.num_classes} classes "
                          f"but data.num_classes is {cfg.data.num_classes}")
     data_key = f"{cfg.data.name}-{cfg.data.resolution}-train"
     with accelerator.main_process_first():  # one process encodes the token cache, the others then read it
         tokens = TokenStore(dataset, vae, device, cache_dir=str(out_dir.parent / "token_cache")
                             if cfg.data.cache_tokens else None, data_key=data_key, with_flips=cfg.data.hflip)
     if len(tokens.labels_N) and (int(tokens.labels_N.min()) < 0 or int(tokens.labels_N.max()) >= var.num_classes):
-        raise ValueError(f"dataset labels span [{int(tokens.labels_N.min())}, {int(tokens.labels_N.max())}] but the "
+        raise ConfigError(f"dataset labels span [{int(tokens.labels_N.min())}, {int(tokens.labels_N.max())}] but the "
                          f"model has {var.num_classes} classes")  # checked once: the forward pass never syncs for it
 
     optimizer = make_optimizer(cfg, var)
@@ -166,25 +214,22 @@ def _train(cfg: Config) -> Path:
     var, optimizer = accelerator.prepare(var, optimizer)
     model = accelerator.unwrap_model(var)
 
-    start_step, nonfinite_total = 0, 0
-    existing = checkpoint_dirs(out_dir)
-    if existing:
-        state = load_training_state(existing[-1], model, optimizer, scheduler)
+    start_step, nonfinite_total, last_ckpt, resumed_from = 0, 0, None, None
+    resumed = resume_newest(out_dir, model, optimizer, scheduler)
+    if resumed:
+        resumed_from, state = resumed
         start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
-        log.info("resumed from %s at step %d", existing[-1], start_step)
+        log.info("resumed from %s at step %d", resumed_from, start_step)
         if cfg.loss.mclr.tau == AUTO:  # resolved when the run started; never re-measured on the fine-tuned model
             cfg.loss.mclr.tau = state.get("config", {}).get("loss", {}).get("mclr", {}).get("tau", AUTO)
         changed = _changed_keys(state.get("config", {}), cfg.to_dict())
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
-        if accelerator.is_main_process:
-            _truncate_metrics(out_dir / "metrics.jsonl", start_step)
-    else:
-        if t.objective == "mclr" and cfg.loss.mclr.tau == AUTO:  # every process measures the same pairs
-            cfg.loss.mclr.tau = resolve_auto_tau(model, tokens, cfg.loss, cfg.data.num_classes, cfg.run.seed)
-        if accelerator.is_main_process:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out_dir / "config.yaml")  # with the resolved cap
+    elif t.objective == "mclr" and cfg.loss.mclr.tau == AUTO:  # every process measures the same pairs
+        cfg.loss.mclr.tau = resolve_auto_tau(model, tokens, cfg.loss, cfg.data.num_classes, cfg.run.seed)
+    if accelerator.is_main_process:  # also before any checkpoint: a run killed early logged steps it will redo
+        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        save_config(cfg, out_dir / "config.yaml")  # what this run trains with (the resolved cap included)
 
     images = None
     if not tokens.cached:  # decode and encode images on the fly, DataLoader workers reading ahead
@@ -195,7 +240,6 @@ def _train(cfg: Config) -> Path:
     writer = SummaryWriter(str(out_dir / "tb")) if accelerator.is_main_process else None
     global_batch = t.batch_size * world
     nonfinite_in_row = 0
-    last_ckpt = existing[-1] if existing else None
     progress = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.objective,
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in progress:
@@ -227,6 +271,7 @@ def _train(cfg: Config) -> Path:
         if finite:
             optimizer.step()
             nonfinite_in_row = 0
+            last_ckpt = last_ckpt or resumed_from  # it gave a finite step: a good checkpoint to name
         else:
             nonfinite_total += 1
             nonfinite_in_row += 1
@@ -234,9 +279,8 @@ def _train(cfg: Config) -> Path:
                         step, nonfinite_in_row, nonfinite_total)
             if nonfinite_in_row >= t.max_nonfinite_in_row:
                 raise NonFiniteLossError(
-                    f"{nonfinite_in_row} non-finite steps in a row at step {step}; stopping. The last good "
-                    f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; lower train.lr or check "
-                    f"the objective's settings")
+                    f"{nonfinite_in_row} non-finite steps in a row at step {step}; stopping. "
+                    f"{_last_good(last_ckpt, resumed_from)}; lower train.lr or check the objective's settings")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
@@ -254,11 +298,18 @@ def _train(cfg: Config) -> Path:
             log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
         done = step + 1
         if done % cfg.run.ckpt_every == 0 or done == t.steps:
+            savable = _savable(model, done, nonfinite_in_row, _last_good(last_ckpt, resumed_from))  # same on all
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
+            if not savable:
+                log.warning("step %d: no checkpoint, the weights gave a non-finite loss at the last step", done)
+            elif accelerator.is_main_process:
                 last_ckpt = save_training_state(out_dir, done, model, optimizer, scheduler,
                                                 {"nonfinite_total": nonfinite_total, "config": cfg.to_dict()},
                                                 keep=cfg.run.keep_ckpts)
+    if not _savable(model, t.steps, nonfinite_in_row, _last_good(last_ckpt, resumed_from)):
+        raise NonFiniteLossError(f"the last {nonfinite_in_row} step(s) gave a non-finite loss or gradient, so the "
+                                 f"final weights were not saved. {_last_good(last_ckpt, resumed_from)}; lower "
+                                 "train.lr or check the objective's settings")
     accelerator.wait_for_everyone()
     final = out_dir / "model.safetensors"
     if accelerator.is_main_process:
@@ -280,10 +331,20 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
-    """Drop log lines of steps that a resumed run will redo."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start_step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    """Drop log lines of steps that a resumed run will redo, and a line torn by a kill mid-write."""
+    if not path.is_file():
+        return
+    kept = []
+    for ln in path.read_text().splitlines():
+        try:
+            step = json.loads(ln)["step"]
+        except (ValueError, KeyError, TypeError):
+            if ln.strip():
+                log.warning("dropping a torn line of %s: %.80r", path, ln)
+            continue
+        if step < start_step:
+            kept.append(ln)
+    write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def _dataset_args(cfg: Config) -> dict:
@@ -296,9 +357,14 @@ def _dataset_args(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = config_arg_parser(__doc__).parse_args(argv)
-    cfg = load_config(args.cfg, args.set)
-    train(cfg)
+    parser = config_arg_parser(__doc__)
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete what an earlier run left in run.out_dir (checkpoints, metrics, tb/, config.yaml, "
+                             "final weights) and start over; needed to change the objective or the architecture of a "
+                             "directory that already holds a run")
+    args = parser.parse_args(argv)
+    with reporting_user_errors(args.debug):
+        train(load_config(args.cfg, args.set), fresh=args.fresh)
 
 
 if __name__ == "__main__":
