@@ -85,6 +85,9 @@ class TokenStore:
         return torch.stack([self.ds[int(i)][0] for i in indices])
 
     def _load_or_build(self, cache_dir: Path, data_key: str) -> None:
+        if getattr(self.ds, "is_random", False):  # e.g. an image folder's random crop: one draw would be frozen
+            raise ValueError("the token cache would freeze one random crop or flip per image; build the dataset with "
+                             "build_dataset(..., deterministic=True) or set data.cache_tokens=false")
         key = hashlib.sha256(f"{dataset_fingerprint(self.ds)}|{tokenizer_fingerprint(self.vae)}".encode())
         path = cache_dir / f"tokens-{data_key}-{key.hexdigest()[:16]}.safetensors"
         if path.is_file():

@@ -197,7 +197,10 @@ def _train(cfg: Config) -> Path:
     var = build_var(cfg, vae).to(device)
     # CCA's trainer runs its frozen reference in training mode: with drop-path on, the reference drops paths too.
     ref = frozen_copy(var).train().to(device) if objective.needs_reference else None
-    dataset = build_dataset(_dataset_args(cfg), "train")
+    if cfg.data.cache_tokens and cfg.data.name == "imagefolder" and cfg.data.crop == "imagenet":
+        log.warning("data.crop = imagenet draws a random crop per read, which the token cache would freeze once per "
+                    "image: caching the centre crop instead (data.cache_tokens=false trains on random crops)")
+    dataset = build_dataset(_dataset_args(cfg), "train", deterministic=cfg.data.cache_tokens)
     if dataset.num_classes != cfg.data.num_classes:
         raise ConfigError(f"the dataset has {dataset.num_classes} classes "
                          f"but data.num_classes is {cfg.data.num_classes}")
@@ -351,7 +354,7 @@ def _dataset_args(cfg: Config) -> dict:
     d = cfg.data
     args = {"name": d.name, "resolution": d.resolution, "num_classes": d.num_classes}
     if d.name == "imagefolder":
-        args["root"] = d.root
+        args["root"], args["crop"] = d.root, d.crop
     return args
 
 
