@@ -21,6 +21,7 @@ from pathlib import Path
 from eval.compare import COLUMNS, compare
 from eval.settings import EvalSettings
 from var_mclr.config import Config, load_config
+from var_mclr.errors import add_debug_flag, reporting_user_errors
 from var_mclr.files import write_text_atomic
 from var_mclr.train import train
 from var_mclr.train_tokenizer import train_tokenizer
@@ -98,26 +99,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
-    args = p.parse_args(argv)
-    root = Path(args.root)
+    args = add_debug_flag(p).parse_args(argv)
+    with reporting_user_errors(args.debug):
+        demo(Path(args.root), args.seeds, args.num_samples, args.cfg_scales, args.set)
+
+
+def demo(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str]) -> None:
+    """Every stage for every seed (cached ones reused), then the comparison table, plot and grid."""
     per_seed, outs = [], []
-    for seed in args.seeds:
-        paths = pipeline(root, seed, args.set)
-        common = EvalSettings(ckpt=str(paths["base"]), num_samples=args.num_samples, cache_dir=str(root / "cache"))
-        key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), args.cfg_scales])
+    for seed in seeds:
+        paths = pipeline(root, seed, overrides)
+        common = EvalSettings(ckpt=str(paths["base"]), num_samples=num_samples, cache_dir=str(root / "cache"))
+        key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), cfg_scales])
                              .encode()).hexdigest()[:8]
-        out = root / f"compare-s{seed}-n{args.num_samples}-{key}"  # new models or settings: a new directory
+        out = root / f"compare-s{seed}-n{num_samples}-{key}"  # new models or settings: a new directory
         outs.append(out.name)
         if (out / "results.json").is_file():  # the same models, settings and seed were compared before
             per_seed.append(json.loads((out / "results.json").read_text()))
         else:
-            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n in FINETUNES], args.cfg_scales,
+            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n in FINETUNES], cfg_scales,
                                     common, out))
         log.info("seed %d: table %s, plot %s, grid %s", seed, out / "table.md", out / "fid_vs_cfg.png",
                  out / "grid.png")
     summary_dir = root / f"summary-{hashlib.sha256(' '.join(outs).encode()).hexdigest()[:8]}"
     table = summarise(per_seed, summary_dir)
-    print(f"\nMNIST demo, seeds {args.seeds}, {args.num_samples} samples per row (mean ± std over seeds):\n")
+    print(f"\nMNIST demo, seeds {seeds}, {num_samples} samples per row (mean ± std over seeds):\n")
     print(table)
     print(f"plot: {out / 'fid_vs_cfg.png'}\ngrid: {out / 'grid.png'}\nsummary: {summary_dir / 'summary.md'}")
 
