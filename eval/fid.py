@@ -22,8 +22,8 @@ from accelerate.utils import gather_object
 from torchvision.utils import save_image
 
 from eval.features import FeatureNet, Reference, dinov2_net, embedded_reference, file_reference, inception_net, mnist_net
-from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, inception_score, precision_recall,
-                          save_samples_npz, to_uint8_nhwc)
+from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, from_uint8_nhwc, inception_score,
+                          precision_recall, save_samples_npz, to_uint8_nhwc)
 from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set
 from eval.settings import EvalSettings, add_eval_arguments, settings_from_args
 from var_mclr.files import atomic_write, write_text_atomic
@@ -31,17 +31,18 @@ from var_mclr.files import atomic_write, write_text_atomic
 log = logging.getLogger("eval.fid")
 
 
-def score(samples: SampleSet, net: FeatureNet, ref: Reference, device) -> dict:
-    feats, probs = net.features_and_probs(samples.images_N3HW, device)
-    mu, sigma = feature_statistics(feats)
+def score(samples: SampleSet, net: FeatureNet, ref: Reference, device, num_classes: int) -> dict:
+    """ADM's metrics: FID against ref's statistics, precision/recall (k=3) against ref's features, IS (10 splits)."""
+    o = net.outputs(samples.images_N3HW, device)
+    mu, sigma = feature_statistics(o.features_ND)
     out = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "precision": None, "recall": None,
            "inception_score": None, "class_accuracy": None}
     if ref.features_ND is not None:
-        out["precision"], out["recall"] = precision_recall(ref.features_ND, feats, k=3, device=device)
-    if probs is not None:
-        out["inception_score"] = inception_score(probs, splits=10)[0]
-        if net.has_classes:
-            out["class_accuracy"] = class_accuracy(probs, samples.labels_N)
+        out["precision"], out["recall"] = precision_recall(ref.features_ND, o.features_ND, k=3, device=device)
+    if o.score_probs_NK is not None:
+        out["inception_score"] = inception_score(o.score_probs_NK, splits=min(10, len(o.score_probs_NK)))[0]
+    if net.class_accuracy_basis(num_classes)[0] and o.predicted_N is not None:
+        out["class_accuracy"] = class_accuracy(o.predicted_N, samples.labels_N)
     return out
 
 
@@ -77,7 +78,9 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
                               seed=args.seed * 1_000_003 + start, device=device, show_progress=False)
             parts.append((start, part))
     parts = sorted(gather_object(parts), key=lambda p: p[0])
-    samples = SampleSet(torch.cat([p.images_N3HW for _, p in parts]), labels_N,
+    # Quantised to the uint8 levels samples.npz holds before any scoring: ADM's evaluator scores those images, and
+    # the numbers here must be the numbers of the saved file.
+    samples = SampleSet(torch.cat([from_uint8_nhwc(to_uint8_nhwc(p.images_N3HW)) for _, p in parts]), labels_N,
                         sum(p.seconds for _, p in parts) / accelerator.num_processes,
                         parts[0][1].transformer_rows_per_image,
                         sum(p.token_seconds for _, p in parts) / accelerator.num_processes)
@@ -86,13 +89,14 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
         "num_samples": args.num_samples,
         "seed": args.seed,
         "checkpoint": provenance,
-        "feature_network": {"name": net.name, "description": net.description, "weights_sha256": net.weights_sha256},
-        "reference": ref.source,
+        "feature_network": {"name": net.name, "description": net.description, "weights_sha256": net.weights_sha256,
+                            "class_accuracy": net.class_accuracy_basis(var.num_classes)[1]},
+        "reference": ref.record(),
         "code_version": code_version(),
         "metrics": {},
     }
     if accelerator.is_main_process:
-        metrics = score(samples, net, ref, device)
+        metrics = score(samples, net, ref, device, var.num_classes)
         metrics["images_per_s"] = args.num_samples / samples.seconds
         metrics["token_images_per_s"] = args.num_samples / samples.token_seconds  # without the decoder
         metrics["transformer_passes_per_image"] = samples.transformer_rows_per_image * len(var.patch_nums)
@@ -109,7 +113,7 @@ def feature_backend(args: EvalSettings, resolution: int, device) -> tuple[Featur
         return net, embedded_reference(net, {"name": "mnist", "resolution": resolution}, device)
     if args.reference is None:
         raise ValueError(f"--features {args.features} needs --reference (an ADM-style .npz of real images or mu/sigma)")
-    net = inception_net(args.inception_weights, device) if args.features == "inception" \
+    net = inception_net(args.inception_weights, device, args.class_map) if args.features == "inception" \
         else dinov2_net(args.dinov2_path, device)
     return net, file_reference(net, args.reference, resolution, device)
 

@@ -210,6 +210,14 @@ def to_uint8_nhwc(images_N3HW: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def from_uint8_nhwc(images_NHW3) -> torch.Tensor:
+    """uint8 (N, H, W, 3), as an ADM .npz holds images -> float [-1, 1] (N, 3, H, W); to_uint8_nhwc inverts it exactly."""
+    x = torch.as_tensor(images_NHW3)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def _check_samples(arr: np.ndarray, where: str) -> None:
     if arr.dtype != np.uint8:
         raise ValueError(f"{where}: samples must be uint8, got {arr.dtype}")

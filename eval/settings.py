@@ -28,6 +28,7 @@ class EvalSettings:
     inception_weights: str | None = None  # local Inception-v3 weights file (never downloaded)
     dinov2_path: str | None = None  # local DINOv2 directory (transformers) or weights file (timm)
     reference: str | None = None  # reference .npz: ADM batch (arr_0 images) and/or mu, sigma
+    class_map: str | None = None  # JSON list: the generator label of each Inception output (class accuracy)
     cache_dir: str = "runs/cache"  # where the embedded eval classifier is cached
     out_dir: str = "runs/eval/latest"
 
@@ -60,6 +61,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     p.add_argument("--inception-weights", help="local Inception-v3 weights file (never downloaded)")
     p.add_argument("--dinov2-path", help="local DINOv2 directory (transformers) or weights file (timm)")
     p.add_argument("--reference", help="reference .npz: ADM batch (arr_0 images) and/or mu, sigma")
+    p.add_argument("--class-map", help="JSON list, one entry per Inception output: the generator label it stands for "
+                   "(or null); needed for class accuracy with the 1008-class TF FID weights")
     p.add_argument("--cache-dir", default=d.cache_dir, help="where the embedded eval classifier is cached")
     p.add_argument("--out-dir", default=d.out_dir)
     return p

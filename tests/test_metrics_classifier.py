@@ -33,7 +33,7 @@ def mnist_clf():
 
 
 def in_batches(fn, x_N3HW):
-    return FeatureNet("f", "", "", 0, lambda x: (fn(x), None), False).features_and_probs(x_N3HW, "cpu")[0]
+    return FeatureNet("f", "", "", 0, lambda x: (fn(x), None, None), None, "").outputs(x_N3HW, "cpu").features_ND
 
 
 def test_shipped_classifier_is_pinned_and_its_recorded_accuracy_holds(mnist_clf):

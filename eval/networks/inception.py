@@ -87,7 +87,7 @@ def _patch_tf_pooling(net: nn.Module) -> None:
 
 
 class InceptionFeatures(nn.Module):
-    """Inception-v3 returning pool3 features (N, 2048) and logits (N, 1000 or 1008) for images in [-1, 1].
+    """Inception-v3 returning pool3 features (N, 2048) and fc logits (N, 1000 or 1008) for images in [-1, 1].
 
     Images are resized to 299 x 299 (bilinear, as pytorch-fid does); both supported weight files expect [-1, 1]
     input, so no further normalisation is applied.
@@ -98,6 +98,7 @@ class InceptionFeatures(nn.Module):
         self.net = net
         self.tf_fid = tf_fid
         self.feat_dim = 2048
+        self.num_classes = net.fc.out_features
 
     def pool3_and_logits(self, x_N3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.net
@@ -108,6 +109,11 @@ class InceptionFeatures(nn.Module):
             x = layer(x)
         pool_ND = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return pool_ND, n.fc(pool_ND)
+
+    def unbiased_logits(self, pool_ND: torch.Tensor) -> torch.Tensor:
+        """pool3 @ W without the fc bias: the logits the Inception Score is defined on. The TF graph's
+        softmax/logits/MatMul has no bias; improved-GAN's and ADM's evaluators read its W and take that product."""
+        return pool_ND @ self.net.fc.weight.T
 
     def features(self, x_N3HW: torch.Tensor) -> torch.Tensor:
         return self.pool3_and_logits(x_N3HW)[0]
