@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 import matplotlib
@@ -28,8 +29,9 @@ from torchvision.utils import save_image  # noqa: E402
 from eval.fid import evaluate, feature_backend  # noqa: E402
 from eval.sampling_run import load_for_eval  # noqa: E402
 from eval.separation import separation  # noqa: E402
-from eval.settings import EvalSettings, add_eval_arguments, settings_from_args  # noqa: E402
+from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args  # noqa: E402
 from var_mclr.data import build_dataset  # noqa: E402
+from var_mclr.errors import reporting_user_errors  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("eval.compare")
@@ -132,6 +134,9 @@ def side_by_side_grid(results: list[dict], out_dir: Path, per_class: int = 2) ->
 
 def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float], common: EvalSettings,
             out_dir: Path, data_name: str = "mnist") -> list[dict]:
+    common.check()  # before any row is sampled
+    if not all(math.isfinite(s) for s in cfg_scales):
+        raise SettingsError(f"--cfg-scales = {cfg_scales} is out of range: must be finite numbers")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = run_rows(plan_rows(base, finetuned, cfg_scales), common, out_dir, data_name)
     write_tables(results, out_dir, f"{common.num_samples} samples, seed {common.seed}")
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         if "=" not in item:
             p.error(f"--finetuned expects NAME=CKPT, got {item!r}")
         finetuned.append(tuple(item.split("=", 1)))
-    compare(args.base, finetuned, args.cfg_scales, settings_from_args(args), Path(args.out_dir), args.data)
+    with reporting_user_errors(args.debug):
+        compare(args.base, finetuned, args.cfg_scales, settings_from_args(args), Path(args.out_dir), args.data)
     print((Path(args.out_dir) / "table.md").read_text())
 
 

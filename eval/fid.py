@@ -26,6 +26,7 @@ from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, 
                           precision_recall, save_samples_npz, to_uint8_nhwc)
 from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set
 from eval.settings import EvalSettings, add_eval_arguments, settings_from_args
+from var_mclr.errors import reporting_user_errors
 from var_mclr.files import atomic_write, write_text_atomic
 
 log = logging.getLogger("eval.fid")
@@ -61,6 +62,7 @@ def save_outputs(out_dir: Path, samples: SampleSet, record: dict, num_classes: i
 def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference | None = None,
              accelerator: Accelerator | None = None) -> dict:
     """Sample args.num_samples class-balanced images, score them, write samples.npz, grid.png, metrics.json."""
+    args.check()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     vae, var, provenance = load_for_eval(args.ckpt, args.tokenizer, args.official_vae, args.depth, args.num_classes)
@@ -111,8 +113,7 @@ def feature_backend(args: EvalSettings, resolution: int, device) -> tuple[Featur
     if args.features == "mnist":
         net, _ = mnist_net(Path(args.cache_dir), resolution)
         return net, embedded_reference(net, {"name": "mnist", "resolution": resolution}, device)
-    if args.reference is None:
-        raise ValueError(f"--features {args.features} needs --reference (an ADM-style .npz of real images or mu/sigma)")
+    args.check()  # a reference only with the features that read one
     net = inception_net(args.inception_weights, device, args.class_map) if args.features == "inception" \
         else dinov2_net(args.dinov2_path, device)
     return net, file_reference(net, args.reference, resolution, device)
@@ -125,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    evaluate(settings_from_args(build_parser().parse_args(argv)))
+    args = build_parser().parse_args(argv)
+    with reporting_user_errors(args.debug):
+        evaluate(settings_from_args(args))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eval.settings import SettingsError
 from tokenizer.model import VQVAE
-from var_mclr.checkpoints import is_official_checkpoint, load_model, load_official, read_model_info
+from var_mclr.checkpoints import CheckpointError, is_official_checkpoint, load_model, load_official, read_model_info
 from var_mclr.files import file_sha256
 from var_mclr.model import VAR
 from var_mclr.sampling import SamplingConfig, sample_tokens
@@ -37,7 +38,7 @@ def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | N
     """Our safetensors VAR (tokenizer from --tokenizer or the one its training run recorded), or an official pair."""
     if is_official_checkpoint(ckpt):
         if official_vae is None or depth is None:
-            raise ValueError("an official var_d*.pth needs --official-vae and --depth")
+            raise SettingsError("an official var_d*.pth needs --official-vae and --depth")
         vae, var = load_official(official_vae, ckpt, depth, num_classes=num_classes)
         provenance = {"var": ckpt, "var_sha256": file_sha256(ckpt), "vae": official_vae,
                       "vae_sha256": file_sha256(official_vae)}
@@ -45,12 +46,12 @@ def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | N
     if tokenizer is None:
         recorded = read_model_info(ckpt).get("source_config", {}).get("tokenizer", {}).get("checkpoint")
         if recorded is None:
-            raise ValueError(f"{ckpt} records no tokenizer; pass --tokenizer")
+            raise SettingsError(f"{ckpt} records no tokenizer; pass --tokenizer")
         tokenizer = recorded
     vae = load_model(tokenizer)
     var = load_model(ckpt)
     if not isinstance(vae, VQVAE) or not isinstance(var, VAR):
-        raise ValueError(f"expected a tokenizer and a VAR, got {type(vae).__name__} and {type(var).__name__}")
+        raise CheckpointError(f"expected a tokenizer and a VAR, got {type(vae).__name__} and {type(var).__name__}")
     provenance = {"var": ckpt, "var_sha256": file_sha256(ckpt), "vae": tokenizer, "vae_sha256": file_sha256(tokenizer)}
     return vae.eval(), var.eval(), provenance
 

@@ -15,7 +15,9 @@ import logging
 import torch
 
 from eval.sampling_run import load_for_eval
+from eval.settings import SettingsError
 from var_mclr.data import build_dataset
+from var_mclr.errors import add_debug_flag, reporting_user_errors
 from var_mclr.likelihood import implicit_classifier_logprobs, loglik_all_classes
 
 log = logging.getLogger("eval.separation")
@@ -52,19 +54,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="mnist", choices=("mnist", "synthetic", "imagefolder"))
     p.add_argument("--root", help="imagefolder: directory holding val/<class>/")
     p.add_argument("--max-images", type=int, default=None)
-    args = p.parse_args(argv)
-    vae, var, _ = load_for_eval(args.ckpt, args.tokenizer)
-    cfg = {"name": args.data, "resolution": vae.resolution, "num_classes": var.num_classes}
-    if args.root:
-        cfg["root"] = args.root
+    args = add_debug_flag(p).parse_args(argv)
+    with reporting_user_errors(args.debug):
+        print(json.dumps(separation_of_checkpoint(args.ckpt, args.tokenizer, args.data, args.root, args.max_images), indent=2))
+
+
+def separation_of_checkpoint(ckpt: str, tokenizer: str | None, data: str, root: str | None, max_images: int | None) -> dict:
+    """The separation of a checkpoint on up to max_images held-out images of the named dataset."""
+    if max_images is not None and max_images <= 0:
+        raise SettingsError(f"--max-images = {max_images} is out of range: must be an integer > 0")
+    vae, var, _ = load_for_eval(ckpt, tokenizer)
+    cfg = {"name": data, "resolution": vae.resolution, "num_classes": var.num_classes}
+    if root:
+        cfg["root"] = root
     ds = build_dataset(cfg, "val")
-    n = min(len(ds), args.max_images or len(ds))
+    n = min(len(ds), max_images or len(ds))
     if hasattr(ds, "tensors"):
         images, labels = ds.tensors[0][:n], ds.tensors[1][:n]
     else:
         items = [ds[i] for i in torch.linspace(0, len(ds) - 1, n).long().tolist()]  # spread over classes
         images, labels = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-    print(json.dumps(separation(var, vae, images, labels), indent=2))
+    return separation(var, vae, images, labels)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from eval.features import FEATURE_NETWORKS
+from var_mclr.errors import UserError, add_debug_flag
 from var_mclr.sampling import SCHEDULES, SamplingConfig
+
+
+class SettingsError(UserError, ValueError):
+    pass
 
 
 @dataclass
@@ -39,6 +45,26 @@ class EvalSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """Refuse, by flag, settings that would fail deep inside torch or score meaningless samples."""
+        problems = [f"{flag} = {value!r} is out of range: must be {allowed}" for flag, value, ok, allowed in (
+            ("--num-samples", self.num_samples, self.num_samples > 0, "an integer > 0"),
+            ("--batch-size", self.batch_size, self.batch_size > 0, "an integer > 0"),
+            ("--cfg-scale", self.cfg_scale, math.isfinite(self.cfg_scale), "a finite number"),
+            ("--top-k", self.top_k, self.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("--top-p", self.top_p, 0 <= self.top_p <= 1, "in [0, 1] (0: off)"),
+        ) if not ok]
+        # Only the inception and dinov2 features read a reference file; the mnist features compare with the embedded
+        # training digits, so a reference given with them would be silently ignored.
+        if self.reference is not None and self.features == "mnist":
+            problems.append("--reference is used only with --features inception or dinov2 (--features mnist compares "
+                            "with the embedded training digits)")
+        if self.reference is None and self.features != "mnist":
+            problems.append(f"--features {self.features} needs --reference (an ADM-style .npz of real images or "
+                            "mu/sigma)")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
 
 def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> argparse.ArgumentParser:
     """The flags of EvalSettings (with --ckpt unless the caller names its models otherwise)."""
@@ -65,7 +91,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
                    "(or null); needed for class accuracy with the 1008-class TF FID weights")
     p.add_argument("--cache-dir", default=d.cache_dir, help="where the embedded eval classifier is cached")
     p.add_argument("--out-dir", default=d.out_dir)
-    return p
+    return add_debug_flag(p)
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:

@@ -287,3 +287,74 @@ def test_run_outputs_keep_the_users_umask(tmp_path):
     wrong = [f"{p.relative_to(tmp_path)} {oct(p.stat().st_mode & 0o777)}" for p in (tmp_path / "a").rglob("*")
              if p.stat().st_mode & 0o777 != (0o775 if p.is_dir() else 0o664)]
     assert not wrong, wrong
+
+
+# ---- every entry point: a user error is one line on stderr, --debug shows the traceback -------------------------
+def _entry(module: str):
+    import importlib
+
+    return importlib.import_module(module).main
+
+
+def _bad_commands(tmp_path, eval_cache) -> dict[str, tuple[str, list[str], str]]:
+    from test_eval import models
+
+    tok, paths = models(tmp_path)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train:\n  lr: [1e-4\n")
+    fid = ["--ckpt", paths["base"], "--tokenizer", tok, "--cache-dir", str(eval_cache), "--out-dir",
+           str(tmp_path / "eval"), "--num-samples", "16", "--batch-size", "16"]
+    return {
+        "train-yaml": ("var_mclr.train", ["--cfg", str(bad_yaml)], f"{bad_yaml}:3:1: malformed YAML"),
+        "train-range": ("var_mclr.train", ["--cfg", str(write_cfg(tmp_path, tiny_run_tree(tmp_path, "r"), "r")),
+                                           "--set", "train.grad_clip=-1"],
+                        "train.grad_clip = -1.0 is out of range: must be > 0"),
+        "tokenizer": ("var_mclr.train_tokenizer", ["--cfg", str(MNIST / "tokenizer.yaml"), "--set",
+                                                   "tokenizer_train.steps=0"], "tokenizer_train.steps = 0 is out"),
+        "fid-num-samples": ("eval.fid", [*fid, "--num-samples", "0"], "--num-samples = 0 is out of range"),
+        "fid-batch-size": ("eval.fid", [*fid, "--batch-size", "0"], "--batch-size = 0 is out of range"),
+        "fid-cfg-nan": ("eval.fid", [*fid, "--guidance", "cfg", "--cfg-scale", "nan"], "--cfg-scale = nan is out"),
+        "fid-cfg-inf": ("eval.fid", [*fid, "--guidance", "cfg", "--cfg-scale", "inf"], "--cfg-scale = inf is out"),
+        "fid-reference": ("eval.fid", [*fid, "--reference", str(tmp_path / "ref.npz")],
+                          "--reference is used only with --features inception or dinov2"),
+        "compare": ("eval.compare", ["--base", paths["base"], "--tokenizer", tok, "--cfg-scales", "1", "nan",
+                                     "--out-dir", str(tmp_path / "cmp")], "--cfg-scales = [1.0, nan] is out of range"),
+        "separation": ("eval.separation", ["--ckpt", str(tmp_path / "missing.safetensors")],
+                       f"checkpoint not found: {tmp_path / 'missing.safetensors'}"),
+        "demo": ("experiments.demo", ["--root", str(tmp_path / "demo"), "--set", "run.ckpt_every=0"],
+                 "run.ckpt_every = 0 is out of range: must be an integer > 0"),
+    }
+
+
+CASES = ("train-yaml", "train-range", "tokenizer", "fid-num-samples", "fid-batch-size", "fid-cfg-nan", "fid-cfg-inf",
+         "fid-reference", "compare", "separation", "demo")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_print_one_line_from_every_entry_point(tmp_path, eval_cache, capsys, case):
+    module, argv, says = _bad_commands(tmp_path, eval_cache)[case]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _entry(module)(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and says in last, err
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "cmp").exists()  # refused before any output
+
+
+def test_debug_shows_the_traceback(tmp_path, eval_cache):
+    from var_mclr.errors import UserError
+
+    module, argv, _ = _bad_commands(tmp_path, eval_cache)["fid-num-samples"]
+    with pytest.raises(UserError, match="--num-samples"):
+        _entry(module)([*argv, "--debug"])
+
+
+def test_a_held_run_directory_is_one_line_from_the_training_command(tmp_path, capsys):
+    from var_mclr.run_dir import run_dir_lock
+
+    cfg = write_cfg(tmp_path, tiny_run_tree(tmp_path, "a", steps=2), "a")
+    with run_dir_lock(tmp_path / "a"), pytest.raises(SystemExit):
+        _entry("var_mclr.train")(["--cfg", str(cfg)])
+    assert f"is in use by another run (PID {os.getpid()}" in capsys.readouterr().err.strip().splitlines()[-1]
