@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms
 
 from var_mclr.errors import UserError
@@ -325,3 +325,17 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Da
                              resolution=int(cfg_data.get("resolution", 16)),
                              samples_per_class=int(cfg_data.get("samples_per_class", 64)),
                              seed=int(cfg_data.get("seed", 0)))
+
+
+def dataset_tensors(ds: Dataset, indices: list[int] | None = None, batch_size: int = 256,
+                    num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images_N3HW, labels_N) of the items at `indices` (default all) in memory: for small datasets and subsets."""
+    if isinstance(ds, TensorDataset):
+        images, labels = ds.tensors[0], ds.tensors[1]
+        return (images, labels.long()) if indices is None else (images[indices], labels[indices].long())
+    subset = ds if indices is None else Subset(ds, indices)
+    images, labels = [], []
+    for x, y in DataLoader(subset, batch_size=batch_size, num_workers=num_workers):
+        images.append(x)
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels).long()
