@@ -59,7 +59,8 @@ def transformers_to_timm(sd: dict) -> dict:
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory):
     """One random DINOv2 (4 x 4 position grid, like the released 37 x 37 one: resampled to 16 x 16 at 224 px) saved
-    as a transformers directory, a timm .safetensors file and an original-layout .pth (timm's names + mask_token)."""
+    as transformers directories (current and hub names), a timm .safetensors file and an original-layout .pth
+    (timm's names + mask_token)."""
     root = tmp_path_factory.mktemp("dinov2")
     torch.manual_seed(0)
     cfg = transformers.Dinov2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -69,6 +70,18 @@ def tiny_dinov2(tmp_path_factory):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(root / "hf")
+    # The layout of the hub's facebook/dinov2-* directories (transformers 4.x names), which transformers 5 renames.
+    legacy = root / "hf_legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text((root / "hf" / "config.json").read_text())
+    old_names = {"attention.q_proj.": "attention.attention.query.", "attention.k_proj.": "attention.attention.key.",
+                 "attention.v_proj.": "attention.attention.value.", "attention.o_proj.": "attention.output.dense."}
+    renamed = {}
+    for k, v in model.state_dict().items():
+        for new, old in old_names.items():
+            k = k.replace(new, old)
+        renamed[k] = v.contiguous().clone()
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
     timm_sd = transformers_to_timm(model.state_dict())
     save_file(timm_sd, root / "timm.safetensors")
     torch.save({**timm_sd, "mask_token": torch.zeros(1, HIDDEN)}, root / "dinov2_original.pth")
@@ -91,12 +104,13 @@ def test_same_features_from_transformers_directory_and_timm_file_without_network
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     x = from_uint8_nhwc(images())
-    nets = {p: load_dinov2(str(root / p)) for p in ("hf", "timm.safetensors", "dinov2_original.pth")}
-    assert [n.backend for n in nets.values()] == ["transformers", "timm", "timm"]
+    nets = {p: load_dinov2(str(root / p)) for p in ("hf", "hf_legacy", "timm.safetensors", "dinov2_original.pth")}
+    assert [n.backend for n in nets.values()] == ["transformers", "transformers", "timm", "timm"]
     feats = {p: n.features(x) for p, n in nets.items()}
     assert feats["hf"].shape == (5, HIDDEN) and nets["hf"].feat_dim == HIDDEN
     assert torch.allclose(feats["hf"], feats["timm.safetensors"], atol=1e-5)
     assert torch.equal(feats["timm.safetensors"], feats["dinov2_original.pth"])
+    assert torch.equal(feats["hf"], feats["hf_legacy"])
     assert feats["hf"].std(0).mean() > 0.1  # features differ between images: the check is not vacuous
     assert attempts == []
 
