@@ -10,7 +10,7 @@ import logging
 from tokenizer.model import VQVAE
 from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_model, load_official_vae,
                                   load_official_var)
-from var_mclr.config import Config, var_config, vqvae_config
+from var_mclr.config import Config, ConfigError, var_config, vqvae_config
 from var_mclr.model import VAR
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,15 @@ def build_tokenizer(cfg: Config) -> VQVAE:
     """The frozen tokenizer a VAR run needs (tokenizer.checkpoint must be set)."""
     path = cfg.tokenizer.checkpoint
     if path is None:
-        raise ValueError("tokenizer.checkpoint is not set: point it at vae_ch160v4096z32.pth or a tokenizer "
+        raise ConfigError("tokenizer.checkpoint is not set: point it at vae_ch160v4096z32.pth or a tokenizer "
                          "trained with `python -m var_mclr.train_tokenizer`")
     declared = vqvae_config(cfg.tokenizer)
     vae = load_official_vae(path, declared) if is_official_checkpoint(path) else load_model(path)
     if not isinstance(vae, VQVAE):
-        raise ValueError(f"tokenizer.checkpoint {path} holds a {type(vae).__name__}, not a tokenizer")
+        raise CheckpointError(f"tokenizer.checkpoint {path} holds a {type(vae).__name__}, not a tokenizer")
     _check_same_arch(declared, vae.cfg, f"tokenizer.checkpoint {path}", "tokenizer")
     if vae.resolution != cfg.data.resolution:
-        raise ValueError(f"the tokenizer works at {vae.resolution}px but data.resolution is {cfg.data.resolution}")
+        raise ConfigError(f"the tokenizer works at {vae.resolution}px but data.resolution is {cfg.data.resolution}")
     return vae.eval().requires_grad_(False)
 
 
@@ -51,7 +51,7 @@ def build_var(cfg: Config, vae: VQVAE) -> VAR:
     else:
         var = load_official_var(path, declared) if is_official_checkpoint(path) else load_model(path)
         if not isinstance(var, VAR):
-            raise ValueError(f"model.init {path} holds a {type(var).__name__}, not a VAR")
+            raise CheckpointError(f"model.init {path} holds a {type(var).__name__}, not a VAR")
         _check_same_arch(declared, var.cfg, f"model.init {path}", "model")
         var.logprob_impl = cfg.train.kernels
     var.set_drop_path_rate(cfg.model.drop_path_rate)
