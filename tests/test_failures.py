@@ -32,8 +32,9 @@ MNIST = REPO / "configs" / "mnist"
     ("loss.mclr.tau=-1", "loss.mclr.tau"), ("loss.mclr.lam=-1", "loss.mclr.lam"), ("loss.cca.lam=-1", "loss.cca.lam"),
     ("loss.cca.beta=0", "loss.cca.beta"), ("loss.cca.uncond_ratio=1", "loss.cca.uncond_ratio"),
     ("loss.cc_dpo.beta=-0.1", "loss.cc_dpo.beta"), ("loss.unlearning.lam=-1", "loss.unlearning.lam"),
-    ("run.ckpt_every=0", "run.ckpt_every"), ("run.log_every=0", "run.log_every"), ("run.keep_ckpts=0", "run.keep_ckpts"),
-    ("tokenizer_train.steps=0", "tokenizer_train.steps"), ("tokenizer_train.batch_size=0", "tokenizer_train.batch_size"),
+    ("run.ckpt_every=0", "run.ckpt_every"), ("run.log_every=0", "run.log_every"),
+    ("run.keep_ckpts=0", "run.keep_ckpts"), ("tokenizer_train.steps=0", "tokenizer_train.steps"),
+    ("tokenizer_train.batch_size=0", "tokenizer_train.batch_size"),
 ])
 def test_values_that_would_train_wrong_are_refused_by_key_and_range(override, key):
     with pytest.raises(ConfigError) as err:

@@ -3,8 +3,9 @@
 Each checkpoint is a directory ``checkpoints/step_0000123/`` built under a temporary name and renamed into place,
 so a directory with a step name is always complete; a killed run leaves at worst a stray temporary directory, which
 is ignored and cleaned up. Weights holding inf/NaN are never written. A checkpoint that still cannot be used (a disk
-that filled up, a file edited by hand) is skipped on resume with a warning naming it, for the one before it. Tensors go to safetensors; everything else to JSON. All randomness in training is drawn
-from generators seeded by (seed, step), so the step number is the whole RNG state.
+that filled up, a file edited by hand) is skipped on resume with a warning naming it, for the one before it.
+Tensors go to safetensors; everything else to JSON. All randomness in training is drawn from generators seeded by
+(seed, step), so the step number is the whole RNG state.
 """
 from __future__ import annotations
 
