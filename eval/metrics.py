@@ -211,7 +211,7 @@ def to_uint8_nhwc(images_N3HW: torch.Tensor) -> np.ndarray:
 
 
 def from_uint8_nhwc(images_NHW3) -> torch.Tensor:
-    """uint8 (N, H, W, 3), as an ADM .npz holds images -> float [-1, 1] (N, 3, H, W); to_uint8_nhwc inverts it exactly."""
+    """uint8 (N, H, W, 3), as an ADM .npz holds images -> float [-1, 1] (N, 3, H, W); to_uint8_nhwc inverts it."""
     x = torch.as_tensor(images_NHW3)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 images (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")

@@ -34,7 +34,7 @@ def _one_thread():
 
 def transformers_to_timm(sd: dict) -> dict:
     """transformers' Dinov2Model names -> timm's (= DINOv2's own, less mask_token); q, k, v fused into one qkv.
-    transformers 5 names the attention projections q_proj ... o_proj; 4.x named them attention.query ... output.dense."""
+    transformers 5 names the attention projections q_proj ... o_proj; 4.x: attention.attention.query ... dense."""
     out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],

@@ -36,7 +36,7 @@ _INTERPOLATE_OFFSET = 0.1  # DINOv2's interpolate_offset (kept upstream for back
 
 
 def preprocess(x_N3HW: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> DINOv2 input: 0..255 levels, antialiased bicubic to 224 x 224, / 255, ImageNet-normalised."""
+    """Images in [-1, 1] -> DINOv2 input: 0..255 levels, antialiased bicubic to 224 x 224, / 255, ImageNet mean/std."""
     # Rounding recovers the exact uint8 levels of quantised samples (and of reference images).
     x = x_N3HW.float().add(1).mul(127.5).round().clamp(0, 255)
     x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bicubic", align_corners=False, antialias=True)
