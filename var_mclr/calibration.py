@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from var_mclr.config import ConfigError
 from var_mclr.likelihood import loglik_under_classes
 from var_mclr.objectives import LossConfig, plan_mclr
 from var_mclr.tokens import TokenStore
@@ -51,7 +52,7 @@ def resolve_auto_tau(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes:
     m = loss_cfg.mclr
     mean = mean_log_ratio_per_token(var, tokens, loss_cfg, num_classes, seed)
     if mean < MIN_MEAN_LOG_RATIO:
-        raise ValueError(f"loss.mclr.tau = auto: the starting model's mean log-ratio per token on training pairs is "
+        raise ConfigError(f"loss.mclr.tau = auto: the starting model's mean log-ratio per token on training pairs is "
                          f"{mean:.3g}, so it barely separates classes; fine-tune from a trained conditional model "
                          f"(model.init) or set loss.mclr.tau to a number")
     tau = m.tau_multiple * mean
