@@ -30,7 +30,7 @@ from eval.fid import evaluate, feature_backend  # noqa: E402
 from eval.sampling_run import load_for_eval  # noqa: E402
 from eval.separation import separation  # noqa: E402
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args  # noqa: E402
-from var_mclr.data import build_dataset  # noqa: E402
+from eval.run_data import DataSpecError, recorded_data, split_images  # noqa: E402
 from var_mclr.errors import reporting_user_errors  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
@@ -47,12 +47,18 @@ def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[floa
     return rows
 
 
-def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: str) -> list[dict]:
+def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: str | None) -> list[dict]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    vae0, _, _ = load_for_eval(rows[0]["ckpt"], common.tokenizer)
-    net, ref = feature_backend(common, vae0.resolution, device)
-    heldout = build_dataset({"name": data_name, "resolution": vae0.resolution}, "val").tensors
+    vae0, var0, _ = load_for_eval(rows[0]["ckpt"], common.tokenizer)
+    # Every metric on the run's own data: the base's recorded training data unless a dataset is named.
+    data = recorded_data(rows[0]["ckpt"]) if data_name is None else \
+        {"name": data_name, "resolution": vae0.resolution, "num_classes": var0.num_classes}
+    if data is None:
+        raise DataSpecError(f"{rows[0]['ckpt']} records no training data; name it with --data")
+    net, ref = feature_backend(common, vae0.resolution, device, data)
+    *heldout, heldout_source = split_images(data, "val")
+    log.info("separation on %s", heldout_source)
     separations: dict[str, dict] = {}
     results = []
     for row in rows:
@@ -133,7 +139,9 @@ def side_by_side_grid(results: list[dict], out_dir: Path, per_class: int = 2) ->
 
 
 def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float], common: EvalSettings,
-            out_dir: Path, data_name: str = "mnist") -> list[dict]:
+            out_dir: Path, data_name: str | None = None) -> list[dict]:
+    """data_name: the dataset of the held-out images and the own-data features (default: what the base was
+    trained on, from its checkpoint)."""
     common.check()  # before any row is sampled
     if not all(math.isfinite(s) for s in cfg_scales):
         raise SettingsError(f"--cfg-scales = {cfg_scales} is out of range: must be finite numbers")
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=CKPT")
     p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
-    p.add_argument("--data", default="mnist", choices=("mnist", "synthetic"), help="held-out images for separation")
+    p.add_argument("--data", choices=("mnist", "synthetic"),
+                   help="held-out images for separation (default: the data the base model was trained on)")
     args = add_eval_arguments(p, with_ckpt=False).parse_args(argv)
     finetuned = []
     for item in args.finetuned:

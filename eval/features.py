@@ -2,6 +2,8 @@
 
 - mnist: the small CNN of eval/networks/mnist_cnn.py, trained once on the embedded training digits and cached. FID
   in its penultimate features is "FID (classifier features)", not comparable to Inception FID; the output says so.
+- classifier: the same small CNN for any labelled data, trained once on the run's own training split and cached
+  (eval/run_data.py; on MNIST it is the mnist network); its held-out accuracy is recorded with every score.
 - inception: Inception-v3 pool3 from a local weights file (eval/networks/inception.py), the standard FID network;
   reference from an ADM reference batch (.npz with arr_0 images, and/or mu/sigma). The Inception Score comes from
   the unbiased logits (pool3 @ W), as in ADM's evaluator. Class accuracy needs outputs in the generator's label
@@ -28,12 +30,13 @@ from eval.metrics import feature_statistics, from_uint8_nhwc, load_samples_npz, 
 from eval.networks.dinov2 import load_dinov2
 from eval.networks.inception import load_inception
 from eval.networks.mnist_cnn import SHIPPED, load_or_train_mnist_classifier, load_shipped_mnist_classifier
-from var_mclr.data import build_dataset
+from var_mclr.data import build_dataset, dataset_tensors
 from var_mclr.files import file_sha256, tensors_sha256
 
 log = logging.getLogger(__name__)
 
-FEATURE_NETWORKS = ("mnist", "inception", "dinov2")
+FEATURE_NETWORKS = ("mnist", "classifier", "inception", "dinov2")
+OWN_DATA_NETWORKS = ("mnist", "classifier")  # compared with the training split itself, never with a reference file
 # Per image: (features, logits the Inception Score uses, logits over the network's own classes for class accuracy).
 Embedding = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
@@ -57,6 +60,7 @@ class FeatureNet:
     class_note: str  # why class accuracy is or is not reported (recorded in metrics.json)
     class_count: int | None = None  # the generator class count class_map holds for (None: any)
     batch_size: int = 500
+    heldout_accuracy: float | None = None  # a classifier's accuracy on held-out real images (recorded with scores)
 
     def class_accuracy_basis(self, num_classes: int) -> tuple[bool, str]:
         """Whether class accuracy means something for a generator with num_classes labels, and why."""
@@ -118,8 +122,8 @@ def mnist_net(cache_dir: Path, resolution: int) -> tuple[FeatureNet, float]:
 
     return FeatureNet("mnist-cnn", desc, tensors_sha256(net.state_dict()), net.feat_dim, embed,
                       class_map=torch.arange(10),
-                      class_note="the MNIST classifier's outputs are the digit labels 0-9 of the embedded data"), \
-        heldout_acc
+                      class_note="the MNIST classifier's outputs are the digit labels 0-9 of the embedded data",
+                      heldout_accuracy=heldout_acc), heldout_acc
 
 
 def inception_net(weights: str | None, device, class_map: str | None = None) -> FeatureNet:
@@ -178,7 +182,8 @@ class Reference:
 
 
 def embedded_reference(net: FeatureNet, data_cfg: dict, device) -> Reference:
-    images, _ = build_dataset(data_cfg, "train").tensors
+    """The training split as the generator saw it: build_dataset's deterministic view (the token cache's)."""
+    images, _ = dataset_tensors(build_dataset(data_cfg, "train", deterministic=True))
     # Quantised like the samples (score what an .npz would hold), so neither side has an edge from finer levels.
     feats = net.outputs(to_uint8_levels(images), device).features_ND
     mu, sigma = feature_statistics(feats)

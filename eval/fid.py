@@ -21,7 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torchvision.utils import save_image
 
-from eval.features import FeatureNet, Reference, dinov2_net, embedded_reference, file_reference, inception_net, mnist_net
+from eval.features import (OWN_DATA_NETWORKS, FeatureNet, Reference, dinov2_net, embedded_reference, file_reference,
+                           inception_net)
+from eval.run_data import DataSpecError, own_classifier_net, recorded_data
 from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, from_uint8_nhwc, inception_score,
                           precision_recall, save_samples_npz, to_uint8_nhwc)
 from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set
@@ -69,7 +71,7 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
     vae, var = vae.to(device), var.to(device)
     sampling = args.sampling()
     if net is None or ref is None:
-        net, ref = feature_backend(args, vae.resolution, device)
+        net, ref = feature_backend(args, vae.resolution, device, recorded_data(args.ckpt))
 
     labels_N = balanced_labels(args.num_samples, var.num_classes)
     batches = list(range(0, args.num_samples, args.batch_size))
@@ -92,6 +94,7 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
         "seed": args.seed,
         "checkpoint": provenance,
         "feature_network": {"name": net.name, "description": net.description, "weights_sha256": net.weights_sha256,
+                            "heldout_accuracy": net.heldout_accuracy,
                             "class_accuracy": net.class_accuracy_basis(var.num_classes)[1]},
         "reference": ref.record(),
         "code_version": code_version(),
@@ -109,10 +112,20 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
     return record
 
 
-def feature_backend(args: EvalSettings, resolution: int, device) -> tuple[FeatureNet, Reference]:
-    if args.features == "mnist":
-        net, _ = mnist_net(Path(args.cache_dir), resolution)
-        return net, embedded_reference(net, {"name": "mnist", "resolution": resolution}, device)
+def feature_backend(args: EvalSettings, resolution: int, device, data: dict | None = None
+                    ) -> tuple[FeatureNet, Reference]:
+    """The feature network and its reference. data: what the generator was trained on (eval/run_data.py,
+    recorded_data; None when unknown): the mnist and classifier features compare with its training split."""
+    if args.features in OWN_DATA_NETWORKS:
+        if args.features == "mnist" and data is not None and data["name"] != "mnist":
+            raise DataSpecError(f"--features mnist scores against the MNIST digits but {args.ckpt} was trained on "
+                                f"{data.get('root', data['name'])}; use --features classifier (a CNN of its own data)")
+        if args.features == "classifier" and data is None:
+            raise DataSpecError(f"--features classifier trains on the model's own data but {args.ckpt} records none; "
+                                "use --features mnist, inception or dinov2")
+        data = {**(data or {"name": "mnist", "num_classes": 10}), "resolution": resolution}
+        net, _ = own_classifier_net(data, Path(args.cache_dir))
+        return net, embedded_reference(net, data, device)
     args.check()  # a reference only with the features that read one
     net = inception_net(args.inception_weights, device, args.class_map) if args.features == "inception" \
         else dinov2_net(args.dinov2_path, device)

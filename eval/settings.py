@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from eval.features import FEATURE_NETWORKS
+from eval.features import FEATURE_NETWORKS, OWN_DATA_NETWORKS
 from var_mclr.errors import UserError, add_debug_flag
 from var_mclr.sampling import SCHEDULES, SamplingConfig
 
@@ -30,7 +30,7 @@ class EvalSettings:
     num_samples: int = 5000
     batch_size: int = 500
     seed: int = 0
-    features: str = "mnist"  # mnist | inception | dinov2
+    features: str = "mnist"  # mnist | classifier (a CNN of the model's own data) | inception | dinov2
     inception_weights: str | None = None  # local Inception-v3 weights file (never downloaded)
     dinov2_path: str | None = None  # local DINOv2 directory (transformers) or weights file (timm)
     reference: str | None = None  # reference .npz: ADM batch (arr_0 images) and/or mu, sigma
@@ -56,10 +56,10 @@ class EvalSettings:
         ) if not ok]
         # Only the inception and dinov2 features read a reference file; the mnist features compare with the embedded
         # training digits, so a reference given with them would be silently ignored.
-        if self.reference is not None and self.features == "mnist":
+        if self.reference is not None and self.features in OWN_DATA_NETWORKS:
             problems.append("--reference is used only with --features inception or dinov2 (--features mnist compares "
                             "with the embedded training digits)")
-        if self.reference is None and self.features != "mnist":
+        if self.reference is None and self.features not in OWN_DATA_NETWORKS:
             problems.append(f"--features {self.features} needs --reference (an ADM-style .npz of real images or "
                             "mu/sigma)")
         if problems:
@@ -83,7 +83,10 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--features", choices=FEATURE_NETWORKS, default=d.features)
+    p.add_argument("--features", choices=FEATURE_NETWORKS, default=d.features,
+                   help="mnist: the MNIST CNN (MNIST models only); classifier: a small CNN trained once on the model's "
+                        "own training split (any labelled data; cached in --cache-dir); inception, dinov2: with "
+                        "--reference")
     p.add_argument("--inception-weights", help="local Inception-v3 weights file (never downloaded)")
     p.add_argument("--dinov2-path", help="local DINOv2 directory (transformers) or weights file (timm)")
     p.add_argument("--reference", help="reference .npz: ADM batch (arr_0 images) and/or mu, sigma")

@@ -46,8 +46,11 @@ def test_fid_script_writes_samples_grid_and_provenance(tmp_path, eval_cache):
 
 def test_compare_builds_table_plot_and_grid(tmp_path, eval_cache):
     tok, paths = models(tmp_path)
-    common = EvalSettings(ckpt=paths["base"], tokenizer=tok, num_samples=24, batch_size=12, cache_dir=str(eval_cache))
+    # Synthetic models are scored in the features of a CNN trained on the synthetic training split (never MNIST's).
+    common = EvalSettings(ckpt=paths["base"], tokenizer=tok, num_samples=24, batch_size=12, cache_dir=str(eval_cache),
+                          features="classifier")
     results = compare(paths["base"], [("mclr", paths["tuned"])], [1.0, 2.0], common, tmp_path / "cmp", "synthetic")
+    assert "own training split" in results[0]["feature_network"] and results[0]["class_accuracy"] is not None
     assert [r["name"] for r in results] == ["base", "base+cfg1", "base+cfg2", "mclr"]
     assert [r["transformer_passes_per_image"] for r in results] == [4, 8, 8, 4]
     table = (tmp_path / "cmp" / "table.md").read_text()
