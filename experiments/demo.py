@@ -4,91 +4,28 @@
 
     python -m experiments.demo [--seeds 0 1 2] [--num-samples 5000]
 
-Each stage's output directory is named by a hash of its resolved config, so a rerun repeats only the stages whose
-config changed and nothing finished is ever overwritten. Training seeds repeat the base pretraining and every
-fine-tuning (the tokenizer is shared); the comparison is sampled with the same seeds and sample count everywhere.
-Ends with the comparison table (mean and spread over seeds) and the paths of the plot and the grid.
+The MNIST case of experiments/pipeline.py (`python -m experiments.pipeline --data mnist` runs the same stages into
+the same directories). Each stage's output directory is named by a hash of its resolved config, so a rerun repeats
+only the stages whose config changed and nothing finished is ever overwritten. Training seeds repeat the base
+pretraining and every fine-tuning (the tokenizer is shared); the comparison is sampled with the same seeds and sample
+count everywhere. Ends with the comparison table (mean and spread over seeds) and the paths of the plot and the grid.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
-import statistics
 from pathlib import Path
 
-from eval.compare import COLUMNS, compare
-from eval.settings import EvalSettings
-from var_mclr.config import Config, load_config
+from experiments.pipeline import FINETUNES, MNIST_CONFIGS, config_hash, pipeline, run_all, run_stage, stage, summarise
 from var_mclr.errors import add_debug_flag, reporting_user_errors
-from var_mclr.files import write_text_atomic
-from var_mclr.train import train
-from var_mclr.train_tokenizer import train_tokenizer
 
-log = logging.getLogger("experiments.demo")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mnist"
-FINETUNES = ("nll", "mclr", "cca", "cc_dpo")
+__all__ = ["CONFIGS", "FINETUNES", "config_hash", "demo", "main", "pipeline", "run_stage", "stage", "summarise"]
+CONFIGS = MNIST_CONFIGS
 
 
-def config_hash(cfg: Config) -> str:
-    tree = cfg.to_dict()
-    tree["run"] = {k: v for k, v in tree["run"].items() if k != "out_dir"}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def stage(name: str, yaml_name: str, root: Path, overrides: list[str]) -> tuple[Config, Path]:
-    """The stage's config with its hashed output directory."""
-    cfg = load_config(CONFIGS / yaml_name, overrides, check_files=False)
-    out_dir = root / f"{name}-{config_hash(cfg)}"
-    cfg.run.out_dir = str(out_dir)
-    return cfg, out_dir / "model.safetensors"
-
-
-def run_stage(cfg: Config, result: Path, fn) -> Path:
-    if result.exists():
-        log.info("cached: %s", result)
-        return result
-    log.info("running stage -> %s", result.parent)
-    return fn(cfg)
-
-
-def pipeline(root: Path, seed: int, extra: list[str], finetunes: tuple[str, ...] = FINETUNES) -> dict[str, Path]:
-    """Tokenizer, base and the given fine-tuning stages (trained where not cached); their checkpoints by name."""
-    tok_cfg, tok = stage("tokenizer", "tokenizer.yaml", root, extra)
-    run_stage(tok_cfg, tok, train_tokenizer)
-    common = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", *extra]
-    pre_cfg, pre = stage(f"pretrain-s{seed}", "pretrain.yaml", root, common)
-    run_stage(pre_cfg, pre, train)
-    paths = {"base": pre}
-    for name in finetunes:
-        cfg, path = stage(f"{name}-s{seed}", f"{name}.yaml", root, [*common, f"model.init={pre}"])
-        paths[name] = run_stage(cfg, path, train)
-    return paths
-
-
-def summarise(per_seed: list[list[dict]], out: Path) -> str:
-    """Mean and spread (sample std over seeds) of every column, per row; written to out/summary.{md,json}."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = [r["name"] for r in per_seed[0]]
-    lines = [f"| model | {' | '.join(COLUMNS)} |", "|---|" + "---|" * len(COLUMNS)]
-    summary = {}
-    for i, name in enumerate(names):
-        cells, summary[name] = [], {}
-        for k in COLUMNS:
-            vals = [run[i][k] for run in per_seed if run[i].get(k) is not None]
-            if not vals:
-                cells.append("n/a")
-                continue
-            mean = statistics.fmean(vals)
-            spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            summary[name][k] = {"mean": mean, "std": spread, "values": vals}
-            cells.append(f"{mean:.4g} ± {spread:.2g}" if len(vals) > 1 else f"{mean:.4g}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
-    write_text_atomic(out / "summary.md", table)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    return table
+def demo(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str]) -> None:
+    """Every stage for every seed (cached ones reused), then the comparison table, plot and grid."""
+    run_all(root, seeds, num_samples, cfg_scales, overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,30 +39,6 @@ def main(argv: list[str] | None = None) -> None:
     args = add_debug_flag(p).parse_args(argv)
     with reporting_user_errors(args.debug):
         demo(Path(args.root), args.seeds, args.num_samples, args.cfg_scales, args.set)
-
-
-def demo(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str]) -> None:
-    """Every stage for every seed (cached ones reused), then the comparison table, plot and grid."""
-    per_seed, outs = [], []
-    for seed in seeds:
-        paths = pipeline(root, seed, overrides)
-        common = EvalSettings(ckpt=str(paths["base"]), num_samples=num_samples, cache_dir=str(root / "cache"))
-        key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), cfg_scales])
-                             .encode()).hexdigest()[:8]
-        out = root / f"compare-s{seed}-n{num_samples}-{key}"  # new models or settings: a new directory
-        outs.append(out.name)
-        if (out / "results.json").is_file():  # the same models, settings and seed were compared before
-            per_seed.append(json.loads((out / "results.json").read_text()))
-        else:
-            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n in FINETUNES], cfg_scales,
-                                    common, out))
-        log.info("seed %d: table %s, plot %s, grid %s", seed, out / "table.md", out / "fid_vs_cfg.png",
-                 out / "grid.png")
-    summary_dir = root / f"summary-{hashlib.sha256(' '.join(outs).encode()).hexdigest()[:8]}"
-    table = summarise(per_seed, summary_dir)
-    print(f"\nMNIST demo, seeds {seeds}, {num_samples} samples per row (mean ± std over seeds):\n")
-    print(table)
-    print(f"plot: {out / 'fid_vs_cfg.png'}\ngrid: {out / 'grid.png'}\nsummary: {summary_dir / 'summary.md'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""One pipeline for any class-labelled data: the embedded MNIST digits, or an image folder of your own.
+
+    tokenizer -> base VAR (nll, 10% class dropout) -> fine-tune: nll control | MCLR | CCA | CC-DPO -> compare
+
+    python -m experiments.pipeline                                     # the embedded MNIST demo (experiments.demo)
+    python -m experiments.pipeline --data imagefolder --root DIR [--seeds 0 1 2] [--num-samples 5000] [--set K=V]
+
+DIR holds train/<class>/<images> and, if you have one, a held-out val/<class>/<images> (without it, the last 10% of
+every training class stands in for the held-out statistics, and the output says so). The stage configs are
+configs/mnist/*.yaml or configs/folder/*.yaml; for a folder, data.root and data.num_classes are filled in from DIR,
+so each folder gets its own stage directories (under --out, default runs/folder-<name of DIR>).
+
+Each stage's output directory is named by a hash of its resolved config, so a rerun repeats only the stages whose
+config changed and nothing finished is ever overwritten. Training seeds repeat the base pretraining and every
+fine-tuning (the tokenizer is shared); the comparison is sampled with the same seeds and sample count everywhere, and
+scored in the features of a classifier of the run's own data (MNIST: the shipped MNIST network; a folder: a small CNN
+trained once on its training split, whose held-out accuracy every metrics file records) against that training split.
+Ends with the comparison table (mean and spread over seeds) and the paths of the plot and the grid.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import statistics
+from pathlib import Path
+
+from eval.compare import COLUMNS, compare
+from eval.settings import EvalSettings
+from var_mclr.config import Config, load_config
+from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
+from var_mclr.files import write_text_atomic
+from var_mclr.train import train
+from var_mclr.train_tokenizer import train_tokenizer
+
+log = logging.getLogger("experiments.pipeline")
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+STAGE_CONFIGS = {"mnist": CONFIG_ROOT / "mnist", "imagefolder": CONFIG_ROOT / "folder"}  # by --data
+MNIST_CONFIGS = STAGE_CONFIGS["mnist"]
+FINETUNES = ("nll", "mclr", "cca", "cc_dpo")
+# The feature network of each dataset's comparison: MNIST keeps the demo's (the shipped network, same numbers).
+DEFAULT_FEATURES = {"mnist": "mnist", "imagefolder": "classifier"}
+
+
+class PipelineError(UserError, ValueError):
+    pass
+
+
+def config_hash(cfg: Config) -> str:
+    tree = cfg.to_dict()
+    tree["run"] = {k: v for k, v in tree["run"].items() if k != "out_dir"}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def stage(name: str, yaml_name: str, root: Path, overrides: list[str],
+          configs: Path = MNIST_CONFIGS) -> tuple[Config, Path]:
+    """The stage's config (configs/<yaml_name>) with its hashed output directory."""
+    cfg = load_config(configs / yaml_name, overrides, check_files=False)
+    out_dir = root / f"{name}-{config_hash(cfg)}"
+    cfg.run.out_dir = str(out_dir)
+    return cfg, out_dir / "model.safetensors"
+
+
+def run_stage(cfg: Config, result: Path, fn) -> Path:
+    if result.exists():
+        log.info("cached: %s", result)
+        return result
+    log.info("running stage -> %s", result.parent)
+    return fn(cfg)
+
+
+def pipeline(root: Path, seed: int, extra: list[str], finetunes: tuple[str, ...] = FINETUNES,
+             configs: Path = MNIST_CONFIGS) -> dict[str, Path]:
+    """Tokenizer, base and the given fine-tuning stages (trained where not cached); their checkpoints by name."""
+    tok_cfg, tok = stage("tokenizer", "tokenizer.yaml", root, extra, configs)
+    run_stage(tok_cfg, tok, train_tokenizer)
+    common = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", *extra]
+    pre_cfg, pre = stage(f"pretrain-s{seed}", "pretrain.yaml", root, common, configs)
+    run_stage(pre_cfg, pre, train)
+    paths = {"base": pre}
+    for name in finetunes:
+        cfg, path = stage(f"{name}-s{seed}", f"{name}.yaml", root, [*common, f"model.init={pre}"], configs)
+        paths[name] = run_stage(cfg, path, train)
+    return paths
+
+
+def folder_overrides(data_root: Path) -> list[str]:
+    """data.root and data.num_classes of an image folder, read from its train/<class>/ directories."""
+    train_dir = data_root / "train"
+    if not train_dir.is_dir():
+        raise PipelineError(f"--root {data_root}: no train/ directory (expected {data_root}/train/<class>/<images>)")
+    classes = [e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")]
+    if len(classes) < 2:
+        raise PipelineError(f"--root {data_root}: train/ holds {len(classes)} class directories; a class-conditional "
+                            "model needs at least 2")
+    # JSON is YAML: the path is read back exactly, whatever characters it holds.
+    return [f"data.root={json.dumps(str(data_root.resolve()))}", f"data.num_classes={len(classes)}"]
+
+
+def summarise(per_seed: list[list[dict]], out: Path) -> str:
+    """Mean and spread (sample std over seeds) of every column, per row; written to out/summary.{md,json}."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = [r["name"] for r in per_seed[0]]
+    lines = [f"| model | {' | '.join(COLUMNS)} |", "|---|" + "---|" * len(COLUMNS)]
+    summary = {}
+    for i, name in enumerate(names):
+        cells, summary[name] = [], {}
+        for k in COLUMNS:
+            vals = [run[i][k] for run in per_seed if run[i].get(k) is not None]
+            if not vals:
+                cells.append("n/a")
+                continue
+            mean = statistics.fmean(vals)
+            spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            summary[name][k] = {"mean": mean, "std": spread, "values": vals}
+            cells.append(f"{mean:.4g} ± {spread:.2g}" if len(vals) > 1 else f"{mean:.4g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    write_text_atomic(out / "summary.md", table)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return table
+
+
+def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str],
+            configs: Path = MNIST_CONFIGS, features: str = "mnist", title: str = "MNIST demo") -> Path:
+    """Every stage for every seed (cached ones reused), then the comparison table, plot and grid; returns the
+    summary directory."""
+    per_seed, outs = [], []
+    for seed in seeds:
+        paths = pipeline(root, seed, overrides, configs=configs)
+        common = EvalSettings(ckpt=str(paths["base"]), num_samples=num_samples, cache_dir=str(root / "cache"),
+                              features=features)
+        key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), cfg_scales])
+                             .encode()).hexdigest()[:8]
+        out = root / f"compare-s{seed}-n{num_samples}-{key}"  # new models or settings: a new directory
+        outs.append(out.name)
+        if (out / "results.json").is_file():  # the same models, settings and seed were compared before
+            per_seed.append(json.loads((out / "results.json").read_text()))
+        else:
+            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n in FINETUNES], cfg_scales,
+                                    common, out))
+        log.info("seed %d: table %s, plot %s, grid %s", seed, out / "table.md", out / "fid_vs_cfg.png",
+                 out / "grid.png")
+    summary_dir = root / f"summary-{hashlib.sha256(' '.join(outs).encode()).hexdigest()[:8]}"
+    table = summarise(per_seed, summary_dir)
+    print(f"\n{title}, seeds {seeds}, {num_samples} samples per row (mean ± std over seeds):\n")
+    print(table)
+    print(f"plot: {out / 'fid_vs_cfg.png'}\ngrid: {out / 'grid.png'}\nsummary: {summary_dir / 'summary.md'}")
+    return summary_dir
+
+
+def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[int], num_samples: int,
+                cfg_scales: list[float], overrides: list[str], features: str | None = None) -> Path:
+    """The pipeline on --data mnist or --data imagefolder --root DIR, every setting checked before any work."""
+    features = features or DEFAULT_FEATURES[data]
+    if data == "mnist":
+        if data_root is not None:
+            raise PipelineError("--root names an image folder; use it with --data imagefolder (--out sets where the "
+                                "runs go)")
+        return run_all(Path(out or "runs/mnist"), seeds, num_samples, cfg_scales, overrides, MNIST_CONFIGS, features)
+    if data_root is None:
+        raise PipelineError("--data imagefolder needs --root DIR (the directory holding train/<class>/<images>)")
+    if features == "mnist":
+        raise PipelineError(f"--features mnist scores against the MNIST digits, not {data_root}; use --features "
+                            "classifier (a CNN trained on the folder's own training split)")
+    root = Path(data_root)
+    runs = Path(out or f"runs/folder-{root.resolve().name}")
+    return run_all(runs, seeds, num_samples, cfg_scales, [*folder_overrides(root), *overrides],
+                   STAGE_CONFIGS["imagefolder"], features, title=f"Image folder {root}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=tuple(STAGE_CONFIGS), default="mnist")
+    p.add_argument("--root", help="--data imagefolder: the directory holding train/<class>/ (and val/<class>/)")
+    p.add_argument("--out", help="where every stage writes (default runs/mnist, or runs/folder-<name of --root>)")
+    p.add_argument("--seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--num-samples", type=int, default=5000)
+    p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
+    p.add_argument("--features", choices=("mnist", "classifier"),
+                   help="the comparison's feature network (default: mnist for MNIST, classifier for a folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
+    args = add_debug_flag(p).parse_args(argv)
+    with reporting_user_errors(args.debug):
+        run_dataset(args.data, args.root, args.out, args.seeds, args.num_samples, args.cfg_scales, args.set,
+                    args.features)
+
+
+if __name__ == "__main__":
+    main()
