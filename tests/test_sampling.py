@@ -1,7 +1,10 @@
 """KV-cached sampling agrees with teacher forcing; guidance mixes logits exactly as specified."""
+import copy
+
 import pytest
 import torch
 
+from var_mclr.model import _FFN_CHUNK_ELEMS, FFN, KVCache
 from var_mclr.sampling import SamplingConfig, autoregressive_infer_cfg, sample_images, sample_tokens
 
 
@@ -89,3 +92,48 @@ def test_bad_sampling_settings_are_rejected(vae, var):
         SamplingConfig(top_p=1.5)
     with pytest.raises(ValueError, match="class ids"):
         sample_tokens(var, vae.quantize, torch.tensor([9]), SamplingConfig())
+
+
+def test_kv_cache_is_written_in_place_and_bounded():
+    cache = KVCache(max_len=5)
+    k1, v1 = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    k2, v2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    cache.extend(k1, v1)
+    k, v = cache.extend(k2, v2)
+    assert torch.equal(k, torch.cat((k1, k2), 2)) and torch.equal(v, torch.cat((v1, v2), 2))
+    with pytest.raises(ValueError, match="holds 5 tokens"):
+        cache.extend(k1, v1)
+
+
+def test_cpu_inference_ffn_in_row_chunks_equals_one_pass():
+    ffn = FFN(64, 256)
+    x = torch.randn(3, 3000, 64)  # above the chunking threshold: several chunks, the last one partial
+    assert x.numel() > _FFN_CHUNK_ELEMS and (3 * 3000) % (_FFN_CHUNK_ELEMS // 64)
+    with torch.no_grad():
+        chunked = ffn(x)
+        whole = ffn.fc2(torch.nn.functional.gelu(ffn.fc1(x), approximate="tanh"))
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # a few torch.compile (Inductor) compilations: tens of seconds on the CPU
+def test_compiled_blocks_give_the_eager_logits_and_tokens(vae, var):
+    label = torch.tensor([0, 3, 4])
+    for guidance in ("none", "cfg"):
+        cfg = SamplingConfig(guidance=guidance, cfg_scale=2.0, top_k=1)  # greedy: tokens are a function of logits
+        eager = sample_tokens(var, vae.quantize, label, cfg, keep_logits=True)
+        cfg.compile = True
+        compiled = sample_tokens(var, vae.quantize, label, cfg, keep_logits=True)
+        for a, b in zip(eager.logits_cond_BlV + eager.logits_null_BlV,
+                        compiled.logits_cond_BlV + compiled.logits_null_BlV):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert all(torch.equal(a, b) for a, b in zip(eager.idx_Bl, compiled.idx_Bl))
+    # Training path: blocks compiled in place; same teacher-forced logits and gradients, same state dict keys.
+    x = vae.quantize.idxBl_to_var_input(eager.idx_Bl).detach()
+    eager_var = copy.deepcopy(var).train()
+    var.train().compile_blocks()
+    assert list(var.state_dict()) == list(eager_var.state_dict())
+    for model in (eager_var, var):
+        model(label, x).square().mean().backward()
+    torch.testing.assert_close(var(label, x), eager_var(label, x), rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(var.named_parameters(), eager_var.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)

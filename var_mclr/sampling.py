@@ -27,6 +27,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 0.0
     kernel: str = "auto"  # auto | naive | torch | triton: the guided sampling step (var_mclr/kernels/sampling.py)
+    compile: bool = False  # torch.compile the transformer blocks for the per-scale forward (VAR.compiled_blocks)
 
     def __post_init__(self):
         if self.guidance not in ("none", "cfg"):
@@ -68,13 +69,14 @@ def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfi
     guided = cfg.guidance == "cfg"
     rows_B = torch.cat((label_B, torch.full_like(label_B, var.num_classes))) if guided else label_B
     cond_BD, block_cond = var.class_condition(rows_B)
-    caches = [KVCache() for _ in var.blocks]
+    caches = [KVCache(var.L) for _ in var.blocks]
+    blocks = var.compiled_blocks() if cfg.compile else None
     f_hat = cond_BD.new_zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1])
     x_BlC = var.start_tokens(cond_BD)
     result = SampleResult(idx_Bl=[], f_hat=f_hat, transformer_rows=rows_B.shape[0])
 
     for si, pn in enumerate(var.patch_nums):
-        logits_BlV = var.forward_scale(si, x_BlC, cond_BD, block_cond, caches)
+        logits_BlV = var.forward_scale(si, x_BlC, cond_BD, block_cond, caches, blocks)
         logits_cond, logits_null = (logits_BlV[:B], logits_BlV[B:]) if guided else (logits_BlV, None)
         if keep_logits:
             result.logits_cond_BlV.append(logits_cond.clone())
