@@ -197,6 +197,8 @@ def _train(cfg: Config) -> Path:
     var = build_var(cfg, vae).to(device)
     # CCA's trainer runs its frozen reference in training mode: with drop-path on, the reference drops paths too.
     ref = frozen_copy(var).train().to(device) if objective.needs_reference else None
+    if t.compile:  # after the reference copy, which stays eager; names and checkpoints are unchanged
+        var.compile_blocks()
     if cfg.data.cache_tokens and cfg.data.name == "imagefolder" and cfg.data.crop == "imagenet":
         log.warning("data.crop = imagenet draws a random crop per read, which the token cache would freeze once per "
                     "image: caching the centre crop instead (data.cache_tokens=false trains on random crops)")
