@@ -1,7 +1,7 @@
 """Sample from a VAR checkpoint and score the samples.
 
-    python eval/fid.py --ckpt runs/mnist/mclr/model.safetensors --guidance none
-    python eval/fid.py --ckpt runs/mnist/pretrain/model.safetensors --guidance cfg --cfg-scale 1.5
+    python eval/fid.py --guidance none     # after `make demo`: the demo's MCLR model, guidance-free
+    python eval/fid.py --ckpt runs/mnist/pretrain-s0-<hash>/model.safetensors --guidance cfg --cfg-scale 1.5
     accelerate launch eval/fid.py --ckpt var_d16.pth --official-vae vae_ch160v4096z32.pth --depth 16 \
         --features inception --inception-weights pt_inception-2015-12-05-6726825d.pth \
         --reference VIRTUAL_imagenet256_labeled.npz --num-samples 50000 --top-k 900 --top-p 0.96
@@ -27,7 +27,7 @@ from eval.run_data import DataSpecError, own_classifier_net, recorded_data
 from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, from_uint8_nhwc, inception_score,
                           precision_recall, save_samples_npz, to_uint8_nhwc)
 from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set
-from eval.settings import EvalSettings, add_eval_arguments, settings_from_args
+from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args
 from var_mclr.errors import reporting_user_errors
 from var_mclr.files import atomic_write, write_text_atomic
 
@@ -132,6 +132,19 @@ def feature_backend(args: EvalSettings, resolution: int, device, data: dict | No
     return net, file_reference(net, args.reference, resolution, device)
 
 
+# Where `make demo` (experiments.demo) writes its stages; without --ckpt, fid.py scores the newest MCLR model there.
+DEMO_ROOT = Path("runs/mnist")
+
+
+def default_checkpoint(root: Path = DEMO_ROOT) -> str:
+    found = sorted(root.glob("mclr-s*/model.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SettingsError(f"--ckpt is required: no demo MCLR model under {root}/ (run `make demo` first, or pass "
+                            "--ckpt PATH to a VAR .safetensors or an official var_d*.pth)")
+    log.info("no --ckpt: scoring the embedded demo's newest MCLR model, %s", found[-1])
+    return str(found[-1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     return add_eval_arguments(argparse.ArgumentParser(description=__doc__,
                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -141,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     with reporting_user_errors(args.debug):
+        if args.ckpt is None:
+            args.ckpt = default_checkpoint()
         evaluate(settings_from_args(args))
 
 

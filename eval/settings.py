@@ -70,7 +70,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     """The flags of EvalSettings (with --ckpt unless the caller names its models otherwise)."""
     d = EvalSettings()
     if with_ckpt:
-        p.add_argument("--ckpt", required=True, help="our VAR .safetensors, or an official var_d*.pth")
+        p.add_argument("--ckpt", help="our VAR .safetensors, or an official var_d*.pth (eval/fid.py without it: the "
+                                       "embedded demo's newest MCLR model)")
     p.add_argument("--tokenizer", help="tokenizer .safetensors (default: the one the VAR was trained with)")
     p.add_argument("--official-vae", help="official vae_ch160v4096z32.pth (with an official --ckpt)")
     p.add_argument("--depth", type=int, help="VAR depth of an official --ckpt")

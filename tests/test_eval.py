@@ -93,3 +93,25 @@ def test_two_processes_sample_exactly_what_one_does(tmp_path, eval_cache):
                           out_dir=str(tmp_path / "one")))
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_fid_without_ckpt_scores_the_demos_mclr_model_or_says_how(tmp_path, monkeypatch):
+    """`python eval/fid.py --guidance none`, typed exactly as the project's mission names it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from eval.fid import default_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "eval" / "fid.py"),
+                          "--guidance", "none"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "--ckpt is required" in out.stderr and "make demo" in out.stderr
+    older, newer = tmp_path / "runs/mnist/mclr-s0-aaaa", tmp_path / "runs/mnist/mclr-s1-bbbb"
+    for d in (older, newer):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"")
+    os.utime(older / "model.safetensors", (1, 1))
+    assert default_checkpoint() == str(Path("runs/mnist/mclr-s1-bbbb/model.safetensors"))
