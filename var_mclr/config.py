@@ -126,7 +126,7 @@ class TrainConfig:
     flush_denormal: bool = False
     # torch.compile the transformer blocks (VAR.compile_blocks); checkpoints are unchanged. README "Performance"
     # gives the measured CPU speed-up and the compile time.
-    compile: bool = False
+    compile: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
 
 
 @dataclass

@@ -25,7 +25,7 @@ class MCLRConfig:
     # Per-token cap on the log-ratio (docs/method.md, "The cap"): a number; null = uncapped (collapses); "auto" =
     # tau_multiple x the starting model's mean per-token log-ratio on training pairs (var_mclr/calibration.py).
     tau: float | str | None = "auto"
-    tau_multiple: float = 2.0
+    tau_multiple: float = field(default=2.0, metadata={"omitted_at_default": True})  # config.OMITTED_AT_DEFAULT
     negatives: str = "uniform"  # uniform | roll | null | mixed
     smooth_cap: bool = False
 
