@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
                         check_files=False).train.steps
     lines = ["| ablation | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for name, overrides, cfg_scale in ablations(steps):
-        cfg, ckpt = stage(f"ablation-mclr-s{args.seed}", "mclr.yaml", root,
+        # the sweep's stage name: the tuned K = 1 model is the sweep's, not retrained
+        cfg, ckpt = stage(f"sweep-mclr-s{args.seed}", "mclr.yaml", root,
                           [f"tokenizer.checkpoint={tok}", f"run.seed={args.seed}", f"model.init={base}", *overrides])
         timing = ckpt.parent / "train_seconds.json"
         if not ckpt.exists():

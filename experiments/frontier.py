@@ -44,7 +44,8 @@ KNOBS = {
     "cfg": ("cfg_scale", [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]),
     "mclr": ("loss.mclr.lam", [1.0, 3.0, 10.0, 30.0, 100.0]),
     "cca": ("loss.cca.lam", [1.0, 10.0, 50.0, 100.0, 1000.0]),
-    "cc_dpo": ("loss.cc_dpo.beta", [0.005, 0.01, 0.02, 0.05, 0.1]),
+    # 0.2 added after the equal-budget sweep put CC-DPO's optimum at that edge of its grid
+    "cc_dpo": ("loss.cc_dpo.beta", [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]),
 }
 METRICS = ("fid", "precision", "recall", "class_accuracy")
 
