@@ -13,16 +13,18 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import logging
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from tokenizer.model import VQVAEConfig
-from var_mclr.errors import UserError, add_debug_flag
+from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
 from var_mclr.files import write_text_atomic
 from var_mclr.kernels.logprob import IMPLS as LOGPROB_KERNELS
 from var_mclr.likelihood import NEGATIVE_MODES
@@ -384,11 +386,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), check
 
 
 def config_arg_parser(description: str | None) -> argparse.ArgumentParser:
-    """The command line of every config-driven entry point: --cfg FILE and repeated --set KEY=VALUE."""
+    """The command line of every config-driven entry point: --cfg FILE, repeated --set KEY=VALUE, --fresh, --debug."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", required=True, help="YAML config (may name a parent with `base:`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-5")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete what an earlier run left in run.out_dir (checkpoints, metrics, tb/, config.yaml, final "
+                        "weights) and start over; needed to change the objective or the architecture of a directory "
+                        "that already holds a run")
     return add_debug_flag(p)
+
+
+def run_from_command_line(run: Callable[..., object], description: str | None, argv: list[str] | None) -> None:
+    """Parse the config command line, then run(config, fresh=...), printing user errors as one line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = config_arg_parser(description).parse_args(argv)
+    with reporting_user_errors(args.debug):
+        run(load_config(args.cfg, args.set), fresh=args.fresh)
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -28,10 +28,10 @@ from tqdm import tqdm
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy
 from var_mclr.calibration import AUTO, resolve_auto_tau
 from var_mclr.checkpoints import nonfinite_entries, parameters_in, save_model
-from var_mclr.config import Config, ConfigError, config_arg_parser, load_config, save_config
+from var_mclr.config import Config, ConfigError, run_from_command_line, save_config
 from var_mclr.data import build_dataset
 from var_mclr.objectives import get_objective, objective_loss
-from var_mclr.errors import UserError, reporting_user_errors
+from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
 from var_mclr.run_dir import claim_run_dir, run_dir_lock
 from var_mclr.tokens import TokenStore
@@ -361,15 +361,7 @@ def _dataset_args(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = config_arg_parser(__doc__)
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete what an earlier run left in run.out_dir (checkpoints, metrics, tb/, config.yaml, "
-                             "final weights) and start over; needed to change the objective or the architecture of a "
-                             "directory that already holds a run")
-    args = parser.parse_args(argv)
-    with reporting_user_errors(args.debug):
-        train(load_config(args.cfg, args.set), fresh=args.fresh)
+    run_from_command_line(train, __doc__, argv)
 
 
 if __name__ == "__main__":

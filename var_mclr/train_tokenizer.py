@@ -28,9 +28,8 @@ from tqdm import tqdm
 
 from tokenizer.model import VQVAE
 from var_mclr.checkpoints import parameters_in, require_finite, save_model
-from var_mclr.config import Config, ConfigError, config_arg_parser, load_config, save_config, vqvae_config
+from var_mclr.config import Config, ConfigError, run_from_command_line, save_config, vqvae_config
 from var_mclr.data import build_dataset
-from var_mclr.errors import reporting_user_errors
 from var_mclr.run_dir import RunDirError, claim_run_dir, run_dir_lock
 from var_mclr.train import RankBatchSampler, step_generator
 from var_mclr.train import _dataset_args as dataset_args  # the data VAR training reads, exactly
@@ -145,14 +144,7 @@ def _train_tokenizer(cfg: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = config_arg_parser(__doc__)
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete what an earlier run left in run.out_dir (checkpoints, tb/, config.yaml, weights) "
-                             "and start over")
-    args = parser.parse_args(argv)
-    with reporting_user_errors(args.debug):
-        train_tokenizer(load_config(args.cfg, args.set), fresh=args.fresh)
+    run_from_command_line(train_tokenizer, __doc__, argv)
 
 
 if __name__ == "__main__":
