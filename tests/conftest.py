@@ -50,3 +50,21 @@ def vae():
 @pytest.fixture
 def var(vae):
     return tiny_var(vae)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module: CI has 2 shared cores, and OpenMP spin-waiting makes 2-thread
+    convolutions several times slower there (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def tf_inception_layout_net():
+    """Random Inception-v3 weights in the layout of the TF-FID port (1008 classes, no aux head)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)

@@ -24,12 +24,7 @@ pytest.importorskip("timm")
 HIDDEN, LAYERS, HEADS = 128, 2, 2  # 64-d heads, as in every released DINOv2 (a weights file does not record heads)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def transformers_to_timm(sd: dict) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import tiny_vae, tiny_var
+from conftest import tf_inception_layout_net, tiny_vae, tiny_var
 from eval.features import Reference, file_reference, inception_net, load_class_map, mnist_net
 from eval.fid import evaluate, score
 from eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
@@ -16,12 +16,7 @@ from eval.settings import EvalSettings
 from var_mclr.checkpoints import save_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_models(tmp_path, num_classes=4):
@@ -112,8 +107,7 @@ def biased_tf_inception(tmp_path_factory):
     """Random weights in the TF-FID layout (1008 outputs) with a large fc bias that the Inception Score must ignore."""
     from eval.networks.inception import load_inception
 
-    torch.manual_seed(0)
-    net = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+    net = tf_inception_layout_net()
     path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
     torch.save(net.state_dict(), path)
     with torch.no_grad():

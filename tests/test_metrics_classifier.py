@@ -7,6 +7,7 @@ import torch
 import torchvision
 import torchvision.models.inception as tvi
 
+from conftest import tf_inception_layout_net
 from eval.features import FeatureNet, mnist_net
 from eval.networks.dinov2 import load_dinov2
 from eval.networks.inception import _TFInceptionA, _TFInceptionE, _TFInceptionEMax, load_inception
@@ -17,13 +18,7 @@ from var_mclr.data import mnist_dataset
 from var_mclr.files import tensors_sha256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI has 2 shared cores; OpenMP spin-waiting makes 2-thread convolutions several times slower there.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +114,7 @@ def test_stale_cache_is_retrained_not_used(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def fake_fid_inception_file(tmp_path_factory):
     # Random weights in the layout of pytorch-fid's TF-FID port (1008 classes, no aux head): format check only.
-    torch.manual_seed(0)
-    net = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+    net = tf_inception_layout_net()
     p = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
     torch.save(net.state_dict(), p)
     return str(p)
