@@ -27,6 +27,7 @@ class EvalSettings:
     cfg_schedule: str = "linear"
     top_k: int = 0
     top_p: float = 0.0
+    mixed_precision: str = "no"  # no | bf16: the transformer under bf16 autocast while sampling
     num_samples: int = 5000
     batch_size: int = 500
     seed: int = 0
@@ -40,7 +41,7 @@ class EvalSettings:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(guidance=self.guidance, cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule,
-                              top_k=self.top_k, top_p=self.top_p)
+                              top_k=self.top_k, top_p=self.top_p, mixed_precision=self.mixed_precision)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +82,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     p.add_argument("--cfg-schedule", choices=SCHEDULES, default=d.cfg_schedule)
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default=d.mixed_precision,
+                   help="bf16: run the transformer under bf16 autocast while sampling (GPU speed)")
     p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)

@@ -137,3 +137,16 @@ def test_compiled_blocks_give_the_eager_logits_and_tokens(vae, var):
     torch.testing.assert_close(var(label, x), eager_var(label, x), rtol=1e-4, atol=1e-4)
     for (name, p), q in zip(var.named_parameters(), eager_var.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_sampling_keeps_float32_logits_close_to_full_precision(vae, var):
+    label_B = torch.tensor([0, 1, 2, 3])
+    cfgs = [SamplingConfig(guidance="cfg", cfg_scale=1.0, mixed_precision=m) for m in ("no", "bf16")]
+    full, half = (sample_tokens(var, vae.quantize, label_B, c, torch.Generator().manual_seed(0), keep_logits=True)
+                  for c in cfgs)
+    first_full, first_half = full.logits_cond_BlV[0], half.logits_cond_BlV[0]  # same inputs at the first scale
+    assert first_half.dtype == torch.float32
+    assert 0 < (first_half - first_full).abs().max() < 0.1 * first_full.abs().max()  # bf16 ran, and stayed close
+    assert all(int(i.min()) >= 0 and int(i.max()) < vae.V for i in half.idx_Bl)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        SamplingConfig(mixed_precision="fp8")

@@ -28,6 +28,8 @@ class SamplingConfig:
     top_p: float = 0.0
     kernel: str = "auto"  # auto | naive | torch | triton: the guided sampling step (var_mclr/kernels/sampling.py)
     compile: bool = False  # torch.compile the transformer blocks for the per-scale forward (VAR.compiled_blocks)
+    # bf16: the transformer runs under autocast (GPU speed); logits, sampling and the tokenizer stay float32.
+    mixed_precision: str = "no"  # no | bf16
 
     def __post_init__(self):
         if self.guidance not in ("none", "cfg"):
@@ -38,6 +40,8 @@ class SamplingConfig:
             raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.kernel not in SAMPLING_KERNELS:
             raise ValueError(f"kernel must be one of {SAMPLING_KERNELS}, got {self.kernel!r}")
 
@@ -76,7 +80,8 @@ def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfi
     result = SampleResult(idx_Bl=[], f_hat=f_hat, transformer_rows=rows_B.shape[0])
 
     for si, pn in enumerate(var.patch_nums):
-        logits_BlV = var.forward_scale(si, x_BlC, cond_BD, block_cond, caches, blocks)
+        with torch.autocast(x_BlC.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+            logits_BlV = var.forward_scale(si, x_BlC, cond_BD, block_cond, caches, blocks).float()
         logits_cond, logits_null = (logits_BlV[:B], logits_BlV[B:]) if guided else (logits_BlV, None)
         if keep_logits:
             result.logits_cond_BlV.append(logits_cond.clone())
