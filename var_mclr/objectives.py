@@ -99,19 +99,12 @@ def _plan_pairs(uncond_ratio: float, label_G: torch.Tensor, num_classes: int,
     return ClassPlan(torch.stack((pos_G, neg_G), 1), torch.stack((torch.zeros_like(neg_is_pos_G), neg_is_pos_G), 1))
 
 
-def plan_cca(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
+def plan_pairs(section: str) -> "Planner":
+    """CCA's pairing with the null-masking share of loss.<section>.uncond_ratio (cca, cc_dpo, unlearning)."""
+    def plan(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
              generator: torch.Generator) -> ClassPlan:
-    return _plan_pairs(cfg.cca.uncond_ratio, label_G, num_classes, generator)
-
-
-def plan_cc_dpo(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
-                generator: torch.Generator) -> ClassPlan:
-    return _plan_pairs(cfg.cc_dpo.uncond_ratio, label_G, num_classes, generator)
-
-
-def plan_unlearning(cfg: LossConfig, label_G: torch.Tensor, num_classes: int, class_dropout: float,
-                    generator: torch.Generator) -> ClassPlan:
-    return _plan_pairs(cfg.unlearning.uncond_ratio, label_G, num_classes, generator)
+        return _plan_pairs(getattr(cfg, section).uncond_ratio, label_G, num_classes, generator)
+    return plan
 
 
 # ---- the losses, reading l(x, c) of every planned row ---------------------------------------------------------
@@ -168,9 +161,9 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("nll", plan_nll, loss_nll),
     Objective("mclr", plan_mclr, loss_mclr),
-    Objective("cca", plan_cca, loss_cca, needs_reference=True),
-    Objective("cc_dpo", plan_cc_dpo, loss_cc_dpo, needs_reference=True),
-    Objective("unlearning", plan_unlearning, loss_unlearning, needs_reference=True),
+    Objective("cca", plan_pairs("cca"), loss_cca, needs_reference=True),
+    Objective("cc_dpo", plan_pairs("cc_dpo"), loss_cc_dpo, needs_reference=True),
+    Objective("unlearning", plan_pairs("unlearning"), loss_unlearning, needs_reference=True),
 )}
 
 
