@@ -4,8 +4,9 @@ A checkpoint of ours records its training config (model.json, source_config); it
 (mnist, synthetic, or an image folder with its root, resolution and crop policy). Images are read in the deterministic
 view (centre crop, no flip), the view a token cache holds: the training split as the generator saw it.
 
-- split_images: the held-out split ("val"), or for an image folder without val/ a class-stratified slice of the
-  training split (said so in the returned description); "train" for the statistics on training pairs.
+- split_images: the held-out split ("val": MNIST's, an image folder's val/ or its data.heldout_share slice), or for
+  a folder with neither a class-stratified slice of the training split (said so in the returned description);
+  "train" for the statistics on training pairs.
 - own_classifier_net: the feature network for any labelled data, a small CNN (eval/networks/mnist_cnn.py's recipe)
   trained once on the run's own training split and cached by a hash of the data and the recipe, with its held-out
   accuracy. On MNIST it is the shipped, pinned MNIST network, so the demo's numbers do not move.
@@ -24,10 +25,10 @@ import torch
 from eval.features import FeatureNet, mnist_net
 from eval.networks.mnist_cnn import load_or_train_classifier, train_classifier
 from var_mclr.checkpoints import is_official_checkpoint, read_model_info
-from var_mclr.data import build_dataset, dataset_tensors
+from var_mclr.data import build_dataset, dataset_args, dataset_tensors, spread_indices
 from var_mclr.errors import UserError
 from var_mclr.files import tensors_sha256
-from var_mclr.tokens import dataset_fingerprint, dataset_labels
+from var_mclr.tokens import dataset_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -40,81 +41,54 @@ class DataSpecError(UserError, ValueError):
     pass
 
 
-def data_spec(section: dict) -> dict:
-    """build_dataset's arguments for a config's data section (as saved in config.yaml or model.json)."""
-    spec = {"name": section["name"], "resolution": section["resolution"], "num_classes": section["num_classes"]}
-    if section["name"] == "imagefolder":
-        spec["root"], spec["crop"] = section["root"], section.get("crop", "center")
-    return spec
-
-
 def recorded_data(ckpt: str) -> dict | None:
     """The data a checkpoint of ours was trained on (build_dataset's arguments); None when it records none (an
     official checkpoint, or weights saved outside training)."""
     if is_official_checkpoint(ckpt):
         return None
     section = read_model_info(ckpt).get("source_config", {}).get("data")
-    return data_spec(section) if section else None
+    return dataset_args(section) if section else None
 
 
-def _has_split(data: dict, split: str) -> bool:
-    return data["name"] != "imagefolder" or os.path.isdir(os.path.join(data["root"], split))
+def _has_heldout(data: dict) -> bool:
+    """Whether the data has images the generator never trained on: MNIST's and the synthetic set's val split, an
+    image folder's val/, or its data.heldout_share slice."""
+    return (data["name"] != "imagefolder" or os.path.isdir(os.path.join(data["root"], "val"))
+            or data.get("heldout_share", 0) > 0)
 
 
-def _stratified_slice(labels_N: torch.Tensor, share: float) -> tuple[list[int], list[int]]:
-    """(rest, slice): the last ceil(share * n_c) images of every class c form the slice (at least one, and never the
-    class's only image)."""
-    rest, held = [], []
-    for c in labels_N.unique().tolist():
-        idx = (labels_N == c).nonzero().flatten().tolist()
-        k = min(max(1, math.ceil(share * len(idx))), len(idx) - 1)
-        rest += idx[:len(idx) - k]
-        held += idx[len(idx) - k:]
-    return sorted(rest), sorted(held)
-
-
-def _spread(n: int, max_images: int | None) -> list[int] | None:
-    # Evenly spaced items, so a capped subset still covers every class of a class-sorted folder.
-    if max_images is None or max_images >= n:
-        return None
-    return torch.linspace(0, n - 1, max_images).long().tolist()
+def _with_fallback_slice(data: dict) -> dict:
+    # a folder with no held-out data: the slice data.heldout_share would hold out (the generator trained on it)
+    return {**data, "heldout_share": FALLBACK_HELDOUT_SHARE}
 
 
 def split_images(data: dict, split: str, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(images_N3HW, labels_N, description) of up to max_images images of the split, in the deterministic view.
 
-    split "val" of an image folder without val/: the fallback slice of the training split (the last
-    FALLBACK_HELDOUT_SHARE of every class), and the description says it is not held out from the generator."""
-    if split == "val" and not _has_split(data, "val"):
-        train = build_dataset(data, "train", deterministic=True)
-        _, held = _stratified_slice(dataset_labels(train), FALLBACK_HELDOUT_SHARE)
-        pick = _spread(len(held), max_images)
-        held = held if pick is None else [held[i] for i in pick]
-        images, labels = dataset_tensors(train, held)
-        return images, labels, (f"{len(held)} training images of {data['root']} (no val/ split: the last "
-                                f"{FALLBACK_HELDOUT_SHARE:.0%} of every class; the generator saw them)")
-    ds = build_dataset(data, split, deterministic=True)
-    images, labels = dataset_tensors(ds, _spread(len(ds), max_images))
+    split "val" of an image folder with no held-out data (no val/, data.heldout_share 0): the last
+    FALLBACK_HELDOUT_SHARE of every training class, and the description says the generator trained on them."""
+    seen = split == "val" and not _has_heldout(data)
+    ds = build_dataset(_with_fallback_slice(data) if seen else data, split, deterministic=True)
+    images, labels = dataset_tensors(ds, None if max_images is None else spread_indices(len(ds), max_images))
     where = data.get("root", data["name"])
+    if seen:
+        return images, labels, (f"{len(labels)} training images of {where} (no held-out data: the last "
+                                f"{FALLBACK_HELDOUT_SHARE:.0%} of every class; the generator saw them)")
     return images, labels, f"{len(labels)} {'held-out' if split == 'val' else 'training'} images of {where}"
 
 
 def _classifier_data(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, str]:
-    """Train and held-out tensors of the classifier, the held-out source and a hash of both."""
-    train = build_dataset(data, "train", deterministic=True)
+    """Train and held-out tensors of the classifier, the held-out source and a hash of both. With no held-out data,
+    the classifier still must not be scored on images it trained on: it trains on all but the fallback slice."""
+    source = "its held-out split"
+    if not _has_heldout(data):
+        data = _with_fallback_slice(data)
+        source = f"the last {FALLBACK_HELDOUT_SHARE:.0%} of every training class (no held-out data), held out from it"
+    train, held = (build_dataset(data, split, deterministic=True) for split in ("train", "val"))
     h = hashlib.sha256(dataset_fingerprint(train).encode())
-    if _has_split(data, "val"):
-        held_ds = build_dataset(data, "val", deterministic=True)
-        h.update(dataset_fingerprint(held_ds).encode())
-        x, y = dataset_tensors(train)
-        xh, yh = dataset_tensors(held_ds)
-        source = "its held-out split"
-    else:  # the classifier must not be scored on images it trained on: it trains on the rest
-        rest, held = _stratified_slice(dataset_labels(train), FALLBACK_HELDOUT_SHARE)
-        h.update(f"slice {FALLBACK_HELDOUT_SHARE}".encode())
-        x, y = dataset_tensors(train, rest)
-        xh, yh = dataset_tensors(train, held)
-        source = f"the last {FALLBACK_HELDOUT_SHARE:.0%} of every training class (no val/ split), held out from it"
+    h.update(dataset_fingerprint(held).encode())
+    x, y = dataset_tensors(train)
+    xh, yh = dataset_tensors(held)
     return x, y, xh, yh, source, h.hexdigest()[:16]
 
 

@@ -153,9 +153,11 @@ def test_imagefolder_class_count_mismatch_is_an_error(folder):
         build_dataset({"name": "imagefolder", "root": str(folder), "resolution": 16, "num_classes": 1000}, "train")
 
 
-def test_imagefolder_missing_split_dir_is_an_error(folder):
-    with pytest.raises(ValueError, match="does not exist"):
+def test_imagefolder_missing_split_dir_is_an_error(folder, tmp_path):
+    with pytest.raises(ValueError, match="has no val/ split; set data.heldout_share"):
         build_dataset({"name": "imagefolder", "root": str(folder), "resolution": 16}, "val")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_dataset({"name": "imagefolder", "root": str(tmp_path / "nothing"), "resolution": 16}, "train")
 
 
 # ---------------------------------------------------------------------------------------------- factory

@@ -106,11 +106,14 @@ def test_mnist_features_are_refused_on_other_data(tmp_path):
 def test_own_classifier_of_a_folder_without_val_holds_out_a_slice(tmp_path):
     data = {"name": "imagefolder", "root": str(make_folder(tmp_path / "d")), "resolution": 16, "num_classes": 3}
     net, acc = own_classifier_net(data, tmp_path / "cache")
-    assert 0 <= acc <= 1 and net.heldout_accuracy == acc and "no val/ split" in net.description
+    assert 0 <= acc <= 1 and net.heldout_accuracy == acc and "no held-out data" in net.description
     again, acc2 = own_classifier_net(data, tmp_path / "cache")  # cached: loaded, not retrained
     assert acc2 == acc and again.weights_sha256 == net.weights_sha256
     images, labels, source = split_images(data, "val")
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2] and "the generator saw them" in source  # ceil(10% of 12)
+    # with data.heldout_share the same slice is held out from the generator too, and said to be
+    held, held_labels, held_source = split_images({**data, "heldout_share": 0.1}, "val")
+    assert torch.equal(held, images) and torch.equal(held_labels, labels) and "held-out images" in held_source
 
 
 def test_separation_scores_1000_classes_in_chunks(monkeypatch):

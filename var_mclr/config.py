@@ -36,6 +36,11 @@ class ConfigError(UserError, ValueError):
     pass
 
 
+# A key added after stage directories were first named by a hash of to_dict() (experiments/pipeline.py config_hash)
+# is left out of to_dict while at its default: every earlier run keeps its name and its saved config still matches.
+OMITTED_AT_DEFAULT = {"omitted_at_default": True}
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
@@ -43,11 +48,10 @@ class RunConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_ckpts: int = 2
-
-
-# A key added after stage directories were first named by a hash of to_dict() (experiments/pipeline.py config_hash)
-# is left out of to_dict while at its default: every earlier run keeps its name and its saved config still matches.
-OMITTED_AT_DEFAULT = {"omitted_at_default": True}
+    # Held-out tracking (var_mclr/heldout.py): every eval_every steps, the nll per token and the log-ratio per token
+    # of up to eval_images held-out images, and of as many training images, go to metrics.jsonl; 0 = off.
+    eval_every: int = field(default=0, metadata=OMITTED_AT_DEFAULT)
+    eval_images: int = field(default=512, metadata=OMITTED_AT_DEFAULT)
 
 
 @dataclass
@@ -62,6 +66,9 @@ class DataConfig:
     # imagefolder: resize/crop policy (var_mclr/data.py, CROPS): imagenet (VAR's 1.125x resize + random crop), center
     # (shorter side to the resolution + centre crop) or none (whole image resized to a square).
     crop: str = field(default="center", metadata=OMITTED_AT_DEFAULT)
+    # imagefolder without val/: the last share of every class of train/ is held out as the val split (never trained
+    # on, by the tokenizer or VAR); 0 = no held-out split. Ignored when val/ exists.
+    heldout_share: float = field(default=0.0, metadata=OMITTED_AT_DEFAULT)
 
 
 def _section_from(arch_cls, name: str, extra: list[tuple[str, object, object]], exclude: tuple[str, ...] = ()):
@@ -107,6 +114,12 @@ def var_config(section, vocab_size: int, Cvae: int, num_classes: int, patch_nums
 class TrainConfig:
     objective: str = "nll"  # nll | mclr | cca | cc_dpo | unlearning
     steps: int = 1000
+    # Length in passes over the training split instead of steps: steps = ceil(epochs x images / global batch),
+    # resolved when the run starts and logged (docs/method.md, "Training length"). null = use steps.
+    epochs: float | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
+    # Which weights the run returns: last, or best_heldout (the lowest held-out nll of the run.eval_every
+    # evaluations; needs run.eval_every > 0 and held-out data): early stopping for a base that would memorise.
+    keep: str = field(default="last", metadata=OMITTED_AT_DEFAULT)
     batch_size: int = 64  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
@@ -178,6 +191,7 @@ CHOICES = {
     "data.name": ("imagefolder", "mnist", "synthetic"),
     "data.crop": ("imagenet", "center", "none"),
     "train.objective": tuple(OBJECTIVES),
+    "train.keep": ("last", "best_heldout"),
     "train.lr_schedule": ("cosine", "linear", "constant", "lin0"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.kernels": LOGPROB_KERNELS,
@@ -304,6 +318,8 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
         errors.append(f"loss.mclr.tau = {tau!r} must be a number >= 0, null (uncapped) or auto")
     if not cfg.loss.mclr.tau_multiple > 0:
         errors.append(f"loss.mclr.tau_multiple must be > 0, got {cfg.loss.mclr.tau_multiple}")
+    if cfg.train.keep == "best_heldout" and cfg.run.eval_every == 0:
+        errors.append("train.keep = best_heldout needs run.eval_every > 0 (the held-out evaluations it chooses from)")
     if not 0 <= cfg.train.class_dropout < 1:
         errors.append(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
     errors += _range_errors(cfg)
@@ -318,6 +334,10 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
             errors.append(f"{dotted}: file or directory not found: {path}")
     if cfg.data.name == "imagefolder" and cfg.data.root is None:
         errors.append("data.root must be set for data.name = imagefolder")
+    elif (cfg.data.name == "imagefolder" and cfg.run.eval_every and cfg.data.heldout_share == 0
+          and Path(cfg.data.root).is_dir() and not (Path(cfg.data.root) / "val").is_dir()):
+        errors.append(f"run.eval_every needs held-out images, but data.root {cfg.data.root} has no val/ and "
+                      "data.heldout_share is 0 (set it to e.g. 0.1)")
 
 
 def _range_errors(cfg: Config) -> list[str]:
@@ -358,6 +378,10 @@ def _range_errors(cfg: Config) -> list[str]:
         ("run.log_every", run.log_every, lambda v: v > 0, "an integer > 0"),
         ("run.ckpt_every", run.ckpt_every, lambda v: v > 0, "an integer > 0"),
         ("run.keep_ckpts", run.keep_ckpts, lambda v: v >= 1, "an integer >= 1"),
+        ("run.eval_every", run.eval_every, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+        ("run.eval_images", run.eval_images, lambda v: v > 0, "an integer > 0"),
+        ("train.epochs", t.epochs, lambda v: v is None or pos(v), "null or a finite number > 0"),
+        ("data.heldout_share", cfg.data.heldout_share, share, "in [0, 1)"),
         ("data.num_workers", cfg.data.num_workers, lambda v: v >= 0, "an integer >= 0"),
         ("tokenizer_train.steps", tt.steps, lambda v: v > 0, "an integer > 0"),
         ("tokenizer_train.batch_size", tt.batch_size, lambda v: v > 0, "an integer > 0"),

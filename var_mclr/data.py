@@ -20,6 +20,7 @@ import functools
 import gzip
 import importlib.resources
 import logging
+import math
 import os
 
 import numpy as np
@@ -85,8 +86,18 @@ def _is_readable(path: str) -> bool:
         return False
 
 
+def held_out_part(files: list[str], share: float, part: str) -> list[str]:
+    """The held-out slice of one class's sorted files (part "held": the last ceil(share * n), at least one and never
+    the class's only image) or the rest (part "rest"): data.heldout_share for a folder without val/."""
+    k = min(max(1, math.ceil(share * len(files))), len(files) - 1)
+    return files[len(files) - k:] if part == "held" else files[:len(files) - k]
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` -> (image_3HW in [-1, 1], label). Classes are the sorted sub-directory names.
+
+    part "rest" / "held" keeps only the training or the held-out slice of every class (held_out_part), for a folder
+    without a val/ split.
 
     Unreadable images are skipped with a logged warning and counted in ``self.num_skipped``:
     - ``verify=True`` (default) opens every file once at construction, so bad files never reach training.
@@ -97,7 +108,8 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str, resolution: int, train: bool, hflip: bool = False,
-                 num_classes: int | None = None, verify: bool = True, crop: str = "center"):
+                 num_classes: int | None = None, verify: bool = True, crop: str = "center",
+                 part: str = "all", held_share: float = 0.0):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root!r} does not exist or is not a directory")
         self.root = root
@@ -121,6 +133,8 @@ class ImageFolderDataset(Dataset):
             if not files:
                 raise DataError(f"class directory {cdir!r} contains no readable images "
                                  f"(extensions {', '.join(IMG_EXTENSIONS)})")
+            if part != "all":
+                files = held_out_part(files, held_share, part)
             self.class_spans.append((len(self.samples), len(self.samples) + len(files)))
             self.samples += [(f, self.class_to_idx[c]) for f in files]
         if self.num_skipped:
@@ -275,10 +289,20 @@ def synthetic_dataset(split: str, num_classes: int = 4, resolution: int = 16, sa
 # ----------------------------------------------------------------------------------------------------------------
 
 _KEYS = {
-    "imagefolder": {"name", "root", "resolution", "num_classes", "hflip", "verify", "crop"},
+    "imagefolder": {"name", "root", "resolution", "num_classes", "hflip", "verify", "crop", "heldout_share"},
     "mnist": {"name", "resolution", "num_classes"},
     "synthetic": {"name", "resolution", "num_classes", "samples_per_class", "seed"},
 }
+
+
+def dataset_args(section: dict) -> dict:
+    """build_dataset's arguments for a config's data section (Config.data as a dict, or as saved in config.yaml and
+    model.json): what decides the images, without the loader settings."""
+    args = {"name": section["name"], "resolution": section["resolution"], "num_classes": section["num_classes"]}
+    if section["name"] == "imagefolder":
+        args["root"], args["crop"] = section["root"], section.get("crop", "center")
+        args["heldout_share"] = section.get("heldout_share", 0.0)
+    return args
 
 
 def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Dataset:
@@ -287,7 +311,9 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Da
     Keys by name (unknown keys are an error, so typos do not silently fall back to defaults):
       imagefolder: root (dir holding train/ and val/, each <class>/<images>), resolution (default 256),
                    num_classes (checked against the directory count when given), hflip (train only, default False),
-                   verify (open every file up front, default True), crop (CROPS, default center)
+                   verify (open every file up front, default True), crop (CROPS, default center),
+                   heldout_share (root without val/: the last share of every class of train/ is the "val" split and
+                   is left out of "train"; default 0, no held-out split)
       deterministic: every read of an image gives the same view (for a token cache, or a reference set): a random
                    crop is replaced by the centre crop and flips are left out, with a log line saying so.
       mnist:       resolution (default 32), num_classes (must be 10 when given)
@@ -311,10 +337,15 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Da
                      cfg_data["root"], "centre crop" if crop == "imagenet" else "no flip",
                      " or ".join(w for w, on in (("crop", crop == "imagenet"), ("flip", hflip)) if on))
             train, hflip = False, False  # the eval transform: centre crop, no flip
-        return ImageFolderDataset(os.path.join(cfg_data["root"], split),
-                                  resolution=int(cfg_data.get("resolution", 256)),
+        directory, part, share = os.path.join(cfg_data["root"], split), "all", float(cfg_data.get("heldout_share", 0))
+        if not os.path.isdir(os.path.join(cfg_data["root"], "val")) and share > 0:
+            directory, part = os.path.join(cfg_data["root"], "train"), "rest" if split == "train" else "held"
+        elif split == "val" and not os.path.isdir(directory):
+            raise DataError(f"image folder {cfg_data['root']!r} has no val/ split; set data.heldout_share (e.g. 0.1) "
+                            "to hold out the last share of every training class")
+        return ImageFolderDataset(directory, resolution=int(cfg_data.get("resolution", 256)),
                                   train=train, hflip=hflip, num_classes=cfg_data.get("num_classes"),
-                                  verify=bool(cfg_data.get("verify", True)), crop=crop)
+                                  verify=bool(cfg_data.get("verify", True)), crop=crop, part=part, held_share=share)
     if name == "mnist":
         nc = cfg_data.get("num_classes", MNIST_NUM_CLASSES)
         if nc != MNIST_NUM_CLASSES:
@@ -325,6 +356,14 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Da
                              resolution=int(cfg_data.get("resolution", 16)),
                              samples_per_class=int(cfg_data.get("samples_per_class", 64)),
                              seed=int(cfg_data.get("seed", 0)))
+
+
+def spread_indices(n: int, k: int) -> list[int]:
+    """k evenly spaced indices of range(n) (all of them when k >= n), so a capped subset still covers every class of
+    a class-sorted dataset."""
+    if k >= n:
+        return list(range(n))
+    return torch.linspace(0, n - 1, k).long().tolist()
 
 
 def dataset_tensors(ds: Dataset, indices: list[int] | None = None, batch_size: int = 256,

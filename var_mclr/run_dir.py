@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 # What a run leaves in its directory; --fresh removes exactly these (never the shared token cache beside it).
-RUN_OUTPUTS = ("checkpoints", "tb", "metrics.jsonl", "config.yaml", "model.safetensors", "model.json")
+RUN_OUTPUTS = ("checkpoints", "tb", "metrics.jsonl", "config.yaml", "model.safetensors", "model.json",
+               "best.safetensors", "best.json")
 
 
 class RunDirError(UserError):

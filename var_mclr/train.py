@@ -11,6 +11,7 @@ holds run.out_dir; a directory that holds a run of another objective or architec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,12 +28,14 @@ from tqdm import tqdm
 
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy
 from var_mclr.calibration import AUTO, resolve_auto_tau
-from var_mclr.checkpoints import nonfinite_entries, parameters_in, save_model
+from var_mclr.checkpoints import (CheckpointError, nonfinite_entries, parameters_in, read_model_info,
+                                  read_safetensors, save_model)
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config
-from var_mclr.data import build_dataset
+from var_mclr.data import build_dataset, dataset_args
 from var_mclr.objectives import get_objective, objective_loss
 from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
+from var_mclr.heldout import HeldoutTracker, is_improvement
 from var_mclr.run_dir import claim_run_dir, run_dir_lock
 from var_mclr.tokens import TokenStore
 from var_mclr.train_state import resume_newest, save_training_state
@@ -202,7 +205,7 @@ def _train(cfg: Config) -> Path:
     if cfg.data.cache_tokens and cfg.data.name == "imagefolder" and cfg.data.crop == "imagenet":
         log.warning("data.crop = imagenet draws a random crop per read, which the token cache would freeze once per "
                     "image: caching the centre crop instead (data.cache_tokens=false trains on random crops)")
-    dataset = build_dataset(_dataset_args(cfg), "train", deterministic=cfg.data.cache_tokens)
+    dataset = build_dataset(dataset_args(dataclasses.asdict(cfg.data)), "train", deterministic=cfg.data.cache_tokens)
     if dataset.num_classes != cfg.data.num_classes:
         raise ConfigError(f"the dataset has {dataset.num_classes} classes "
                          f"but data.num_classes is {cfg.data.num_classes}")
@@ -213,17 +216,24 @@ def _train(cfg: Config) -> Path:
     if len(tokens.labels_N) and (int(tokens.labels_N.min()) < 0 or int(tokens.labels_N.max()) >= var.num_classes):
         raise ConfigError(f"dataset labels span [{int(tokens.labels_N.min())}, {int(tokens.labels_N.max())}] but the "
                          f"model has {var.num_classes} classes")  # checked once: the forward pass never syncs for it
+    if t.epochs is not None:
+        t.steps = steps_for_epochs(t.epochs, len(tokens), t.batch_size * world * t.grad_accum)
+        log.info("train.epochs = %g over %d training images at a global batch of %d: %d steps", t.epochs,
+                 len(tokens), t.batch_size * world * t.grad_accum, t.steps)
+    tracker = (HeldoutTracker(dataset_args(dataclasses.asdict(cfg.data)), cfg.run.eval_images, vae, device,
+                              cfg.data.num_classes) if cfg.run.eval_every else None)
 
     optimizer = make_optimizer(cfg, var)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     var, optimizer = accelerator.prepare(var, optimizer)
     model = accelerator.unwrap_model(var)
 
-    start_step, nonfinite_total, last_ckpt, resumed_from = 0, 0, None, None
+    start_step, nonfinite_total, last_ckpt, resumed_from, best = 0, 0, None, None, None
     resumed = resume_newest(out_dir, model, optimizer, scheduler)
     if resumed:
         resumed_from, state = resumed
         start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
+        best = state.get("best_heldout")  # {"step", "heldout_nll"} of best.safetensors, when train.keep chooses
         log.info("resumed from %s at step %d", resumed_from, start_step)
         if cfg.loss.mclr.tau == AUTO:  # resolved when the run started; never re-measured on the fine-tuned model
             cfg.loss.mclr.tau = state.get("config", {}).get("loss", {}).get("mclr", {}).get("tau", AUTO)
@@ -302,6 +312,8 @@ def _train(cfg: Config) -> Path:
             progress.set_postfix({k: f"{stats_mean[k]:.4f}" for k in list(stats_mean)[:4]})
             log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
         done = step + 1
+        if tracker is not None and (done % cfg.run.eval_every == 0 or done == t.steps):
+            best = _track(tracker, accelerator, model, step, t.keep, best, writer, out_dir, cfg)
         if done % cfg.run.ckpt_every == 0 or done == t.steps:
             savable = _savable(model, done, nonfinite_in_row, _last_good(last_ckpt, resumed_from))  # same on all
             accelerator.wait_for_everyone()
@@ -309,7 +321,8 @@ def _train(cfg: Config) -> Path:
                 log.warning("step %d: no checkpoint, the weights gave a non-finite loss at the last step", done)
             elif accelerator.is_main_process:
                 last_ckpt = save_training_state(out_dir, done, model, optimizer, scheduler,
-                                                {"nonfinite_total": nonfinite_total, "config": cfg.to_dict()},
+                                                {"nonfinite_total": nonfinite_total, "config": cfg.to_dict(),
+                                                 "best_heldout": best},
                                                 keep=cfg.run.keep_ckpts)
     if not _savable(model, t.steps, nonfinite_in_row, _last_good(last_ckpt, resumed_from)):
         raise NonFiniteLossError(f"the last {nonfinite_in_row} step(s) gave a non-finite loss or gradient, so the "
@@ -317,11 +330,58 @@ def _train(cfg: Config) -> Path:
                                  "train.lr or check the objective's settings")
     accelerator.wait_for_everyone()
     final = out_dir / "model.safetensors"
+    extra = {"objective": t.objective, "steps": t.steps, "source_config": cfg.to_dict()}
+    if t.keep == "best_heldout":
+        _load_best(model, out_dir, best)
+        extra["selected"] = best
     if accelerator.is_main_process:
-        save_model(model, final, extra={"objective": t.objective, "steps": t.steps, "source_config": cfg.to_dict()})
+        save_model(model, final, extra=extra)
         writer.close()
     accelerator.end_training()
     return final
+
+
+def steps_for_epochs(epochs: float, num_images: int, global_batch: int) -> int:
+    """Optimiser steps of `epochs` passes over num_images at this global batch (micro-batches x processes)."""
+    return max(1, math.ceil(epochs * num_images / global_batch))
+
+
+def _track(tracker: HeldoutTracker, accelerator: Accelerator, model: torch.nn.Module, step: int, keep: str,
+           best: dict | None, writer: SummaryWriter | None, out_dir: Path, cfg: Config) -> dict | None:
+    """One held-out evaluation after `step`: logged, and with train.keep = best_heldout a new lowest held-out nll
+    saves the weights as best.safetensors. Returns the (possibly new) best."""
+    scores = tracker.evaluate(model, accelerator.process_index, accelerator.num_processes,
+                              lambda t: accelerator.reduce(t, "sum"))
+    improved = keep == "best_heldout" and is_improvement(scores["heldout_nll"], best and best["heldout_nll"])
+    if improved:
+        best = {"step": step + 1, "heldout_nll": scores["heldout_nll"]}
+    if accelerator.is_main_process:
+        for k, v in scores.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **scores}) + "\n")
+        log.info("step %d held-out tracking: %s%s", step, " ".join(f"{k}={v:.4f}" for k, v in scores.items()),
+                 " (best so far: saved best.safetensors)" if improved else "")
+        if improved:
+            save_model(model, out_dir / "best.safetensors",
+                       extra={"objective": cfg.train.objective, "selected": best, "source_config": cfg.to_dict()})
+    return best
+
+
+def _load_best(model: torch.nn.Module, out_dir: Path, best: dict | None) -> None:
+    """train.keep = best_heldout: the run's result is the weights of its lowest held-out nll."""
+    path = out_dir / "best.safetensors"
+    if best is None:
+        raise NonFiniteLossError(f"train.keep = best_heldout: no held-out evaluation of {out_dir} gave a finite nll; "
+                                 "nothing was saved as the result")
+    state = read_safetensors(path)
+    info = read_model_info(path)
+    if info.get("selected") != best:
+        raise CheckpointError(f"{path} holds the weights of {info.get('selected')}, but this run's best held-out "
+                              f"evaluation was {best}; rerun with --fresh")
+    model.load_state_dict(state, strict=True)
+    log.info("train.keep = best_heldout: the result is the weights after step %d (held-out nll %.4f per token)",
+             best["step"], best["heldout_nll"])
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -350,14 +410,6 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
         if step < start_step:
             kept.append(ln)
     write_text_atomic(path, "".join(ln + "\n" for ln in kept))
-
-
-def _dataset_args(cfg: Config) -> dict:
-    d = cfg.data
-    args = {"name": d.name, "resolution": d.resolution, "num_classes": d.num_classes}
-    if d.name == "imagefolder":
-        args["root"], args["crop"] = d.root, d.crop
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:

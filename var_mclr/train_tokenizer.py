@@ -15,6 +15,7 @@ same random stream; one run at a time holds run.out_dir (--fresh starts it over)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -29,10 +30,9 @@ from tqdm import tqdm
 from tokenizer.model import VQVAE
 from var_mclr.checkpoints import parameters_in, require_finite, save_model
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config, vqvae_config
-from var_mclr.data import build_dataset
+from var_mclr.data import build_dataset, dataset_args  # the data VAR training reads, exactly
 from var_mclr.run_dir import RunDirError, claim_run_dir, run_dir_lock
 from var_mclr.train import RankBatchSampler, step_generator
-from var_mclr.train import _dataset_args as dataset_args  # the data VAR training reads, exactly
 from var_mclr.train_state import resume_newest, save_training_state
 
 log = logging.getLogger("var_mclr.train_tokenizer")
@@ -72,7 +72,7 @@ def _train_tokenizer(cfg: Config) -> Path:
         raise ConfigError(f"the tokenizer's patch schedule and downsampling give {vae.resolution}px images but "
                          f"data.resolution is {cfg.data.resolution}")
     # VAR training's transform; its random crops are augmentation here, since nothing is cached.
-    dataset = build_dataset(dataset_args(cfg), "train")
+    dataset = build_dataset(dataset_args(dataclasses.asdict(cfg.data)), "train")
     images_N3HW = dataset.tensors[0] if isinstance(dataset, TensorDataset) else None  # in memory: index directly
     gen = torch.Generator().manual_seed(cfg.run.seed)  # every draw of the run; its state goes into each checkpoint
     with torch.no_grad():
