@@ -142,8 +142,8 @@ def test_pipeline_end_to_end_on_a_generated_folder(tmp_path, capsys):
     from experiments.pipeline import run_dataset
 
     root = make_folder(tmp_path / "folder", val=True)
-    tiny = ["tokenizer_train.steps=3", "tokenizer_train.batch_size=8", "train.steps=2", "train.batch_size=8",
-            "train.warmup_steps=1", "run.log_every=1", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+    tiny = ["tokenizer_train.steps=3", "tokenizer_train.batch_size=8", "train.epochs=null", "train.steps=2",
+            "train.batch_size=8", "train.warmup_steps=1", "run.log_every=1", "run.eval_every=1", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
             "loss.mclr.tau=1.0"]  # two base steps barely separate classes, too little for tau: auto to measure
     summary = run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny)
     table = (summary / "summary.md").read_text()
@@ -151,6 +151,11 @@ def test_pipeline_end_to_end_on_a_generated_folder(tmp_path, capsys):
         assert row in table
     results = json.loads(next((tmp_path / "runs").glob("compare-*/results.json")).read_text())
     assert all("own training split" in r["feature_network"] for r in results)
+    # the base is the held-out-best of its tracked evaluations; the fine-tunes keep their last weights
+    (base,) = (tmp_path / "runs").glob("pretrain-s0-*/model.json")
+    assert json.loads(base.read_text())["selected"]["step"] in (1, 2)
+    (mclr,) = (tmp_path / "runs").glob("mclr-s0-*/model.json")
+    assert "selected" not in json.loads(mclr.read_text())
     assert "Image folder" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--features mnist scores against the MNIST digits"):
         run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny, features="mnist")
