@@ -6,9 +6,11 @@
     python -m experiments.pipeline --data imagefolder --root DIR [--seeds 0 1 2] [--num-samples 5000] [--set K=V]
 
 DIR holds train/<class>/<images> and, if you have one, a held-out val/<class>/<images> (without it, the last 10% of
-every training class stands in for the held-out statistics, and the output says so). The stage configs are
+every training class is held out: data.heldout_share in configs/folder/tokenizer.yaml). The stage configs are
 configs/mnist/*.yaml or configs/folder/*.yaml; for a folder, data.root and data.num_classes are filled in from DIR,
-so each folder gets its own stage directories (under --out, default runs/folder-<name of DIR>).
+so each folder gets its own stage directories (under --out, default runs/folder-<name of DIR>). A folder's base
+trains for at most 30 epochs and is the weights of its lowest held-out nll, so a small folder is not memorised
+(docs/method.md, "Training length").
 
 Each stage's output directory is named by a hash of its resolved config, so a rerun repeats only the stages whose
 config changed and nothing finished is ever overwritten. Training seeds repeat the base pretraining and every
