@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 from pathlib import Path
@@ -44,6 +45,23 @@ MNIST_CONFIGS = STAGE_CONFIGS["mnist"]
 FINETUNES = ("nll", "mclr", "cca", "cc_dpo")
 # The feature network of each dataset's comparison: MNIST keeps the demo's (the shipped network, same numbers).
 DEFAULT_FEATURES = {"mnist": "mnist", "imagefolder": "classifier"}
+# --strengths sweep: each fine-tuned method at its MNIST-tuned strength and about 3x and 10x weaker, fixed before any
+# folder was run. The best guidance strength is a property of the data (CFG's best scale is 2 on MNIST and 0.5 on
+# sklearn's digits), so on data nobody tuned on every method gets the same three tries, as CFG gets --cfg-scales.
+STRENGTH_GRID = {"mclr": ("loss.mclr.lam", (10.0, 3.0, 1.0)), "cca": ("loss.cca.lam", (50.0, 15.0, 5.0)),
+                 "cc_dpo": ("loss.cc_dpo.beta", (0.2, 0.6, 2.0))}
+DEFAULT_STRENGTHS = {"mnist": "tuned", "imagefolder": "sweep"}
+
+
+def finetune_runs(strengths: str) -> list[tuple[str, str, list[str]]]:
+    """(row name, stage config, overrides) of every fine-tuning: "tuned" runs each objective as configured, "sweep"
+    the nll control plus every STRENGTH_GRID value."""
+    if strengths == "tuned":
+        return [(name, name, []) for name in FINETUNES]
+    runs = [("nll", "nll", [])]
+    for method, (knob, values) in STRENGTH_GRID.items():
+        runs += [(f"{method} {knob.rsplit('.', 1)[1]}={v:g}", method, [f"{knob}={v:g}"]) for v in values]
+    return runs
 
 
 class PipelineError(UserError, ValueError):
@@ -73,17 +91,20 @@ def run_stage(cfg: Config, result: Path, fn) -> Path:
     return fn(cfg)
 
 
-def pipeline(root: Path, seed: int, extra: list[str], finetunes: tuple[str, ...] = FINETUNES,
+def pipeline(root: Path, seed: int, extra: list[str], finetunes: list[tuple[str, str, list[str]]] | None = None,
              configs: Path = MNIST_CONFIGS) -> dict[str, Path]:
-    """Tokenizer, base and the given fine-tuning stages (trained where not cached); their checkpoints by name."""
+    """Tokenizer, base and the fine-tuning stages (finetune_runs; default: each objective as configured), trained
+    where not cached; their checkpoints by row name. A stage directory is named by its config's hash, so the same
+    settings reached from two rows train once."""
     tok_cfg, tok = stage("tokenizer", "tokenizer.yaml", root, extra, configs)
     run_stage(tok_cfg, tok, train_tokenizer)
     common = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", *extra]
     pre_cfg, pre = stage(f"pretrain-s{seed}", "pretrain.yaml", root, common, configs)
     run_stage(pre_cfg, pre, train)
     paths = {"base": pre}
-    for name in finetunes:
-        cfg, path = stage(f"{name}-s{seed}", f"{name}.yaml", root, [*common, f"model.init={pre}"], configs)
+    for name, config, overrides in finetune_runs("tuned") if finetunes is None else finetunes:
+        cfg, path = stage(f"{config}-s{seed}", f"{config}.yaml", root, [*common, f"model.init={pre}", *overrides],
+                          configs)
         paths[name] = run_stage(cfg, path, train)
     return paths
 
@@ -125,13 +146,30 @@ def summarise(per_seed: list[list[dict]], out: Path) -> str:
     return table
 
 
+def best_settings(summary: dict) -> str:
+    """The row of lowest mean FID of every method (base, CFG, nll and each fine-tuned method over its strengths)."""
+    groups: dict[str, list[str]] = {}
+    for name in summary:
+        method = "CFG" if name.startswith("base+cfg") else name.split(" ")[0]
+        groups.setdefault(method, []).append(name)
+    lines = ["| method | best setting | FID | class_accuracy | recall |", "|---|---|---|---|---|"]
+    for method, names in groups.items():
+        best = min(names, key=lambda n: summary[n].get("fid", {}).get("mean", math.inf))
+        cells = [f"{summary[best][k]['mean']:.4g}" if k in summary[best] else "n/a"
+                 for k in ("fid", "class_accuracy", "recall")]
+        lines.append(f"| {method} | {best} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str],
-            configs: Path = MNIST_CONFIGS, features: str = "mnist", title: str = "MNIST demo") -> Path:
+            configs: Path = MNIST_CONFIGS, features: str = "mnist", title: str = "MNIST demo",
+            strengths: str = "tuned") -> Path:
     """Every stage for every seed (cached ones reused), then the comparison table, plot and grid; returns the
     summary directory."""
     per_seed, outs = [], []
+    runs = finetune_runs(strengths)
     for seed in seeds:
-        paths = pipeline(root, seed, overrides, configs=configs)
+        paths = pipeline(root, seed, overrides, runs, configs)
         common = EvalSettings(ckpt=str(paths["base"]), num_samples=num_samples, cache_dir=str(root / "cache"),
                               features=features)
         key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), cfg_scales])
@@ -141,7 +179,7 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
         if (out / "results.json").is_file():  # the same models, settings and seed were compared before
             per_seed.append(json.loads((out / "results.json").read_text()))
         else:
-            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n in FINETUNES], cfg_scales,
+            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n, _, _ in runs], cfg_scales,
                                     common, out))
         log.info("seed %d: table %s, plot %s, grid %s", seed, out / "table.md", out / "fid_vs_cfg.png",
                  out / "grid.png")
@@ -149,19 +187,26 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
     table = summarise(per_seed, summary_dir)
     print(f"\n{title}, seeds {seeds}, {num_samples} samples per row (mean ± std over seeds):\n")
     print(table)
+    if strengths == "sweep":
+        best = best_settings(json.loads((summary_dir / "summary.json").read_text()))
+        write_text_atomic(summary_dir / "best.md", best)
+        print(f"Lowest mean FID of each method over its strengths (STRENGTH_GRID, --cfg-scales):\n\n{best}")
     print(f"plot: {out / 'fid_vs_cfg.png'}\ngrid: {out / 'grid.png'}\nsummary: {summary_dir / 'summary.md'}")
     return summary_dir
 
 
 def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[int], num_samples: int,
-                cfg_scales: list[float], overrides: list[str], features: str | None = None) -> Path:
+                cfg_scales: list[float], overrides: list[str], features: str | None = None,
+                strengths: str | None = None) -> Path:
     """The pipeline on --data mnist or --data imagefolder --root DIR, every setting checked before any work."""
     features = features or DEFAULT_FEATURES[data]
+    strengths = strengths or DEFAULT_STRENGTHS[data]
     if data == "mnist":
         if data_root is not None:
             raise PipelineError("--root names an image folder; use it with --data imagefolder (--out sets where the "
                                 "runs go)")
-        return run_all(Path(out or "runs/mnist"), seeds, num_samples, cfg_scales, overrides, MNIST_CONFIGS, features)
+        return run_all(Path(out or "runs/mnist"), seeds, num_samples, cfg_scales, overrides, MNIST_CONFIGS, features,
+                       strengths=strengths)
     if data_root is None:
         raise PipelineError("--data imagefolder needs --root DIR (the directory holding train/<class>/<images>)")
     if features == "mnist":
@@ -170,7 +215,7 @@ def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[i
     root = Path(data_root)
     runs = Path(out or f"runs/folder-{root.resolve().name}")
     return run_all(runs, seeds, num_samples, cfg_scales, [*folder_overrides(root), *overrides],
-                   STAGE_CONFIGS["imagefolder"], features, title=f"Image folder {root}")
+                   STAGE_CONFIGS["imagefolder"], features, title=f"Image folder {root}", strengths=strengths)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,11 +229,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
     p.add_argument("--features", choices=("mnist", "classifier"),
                    help="the comparison's feature network (default: mnist for MNIST, classifier for a folder)")
+    p.add_argument("--strengths", choices=("tuned", "sweep"),
+                   help="fine-tune each method at its configured strength (tuned: the MNIST default) or at each "
+                        "STRENGTH_GRID value (sweep: a folder's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
     args = add_debug_flag(p).parse_args(argv)
     with reporting_user_errors(args.debug):
         run_dataset(args.data, args.root, args.out, args.seeds, args.num_samples, args.cfg_scales, args.set,
-                    args.features)
+                    args.features, args.strengths)
 
 
 if __name__ == "__main__":

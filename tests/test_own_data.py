@@ -147,15 +147,29 @@ def test_pipeline_end_to_end_on_a_generated_folder(tmp_path, capsys):
             "loss.mclr.tau=1.0"]  # two base steps barely separate classes, too little for tau: auto to measure
     summary = run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny)
     table = (summary / "summary.md").read_text()
-    for row in ("| base |", "| base+cfg2 |", "| nll |", "| mclr |", "| cca |", "| cc_dpo |"):
+    # a folder's default: every fine-tuned method at each of its STRENGTH_GRID values
+    for row in ("| base |", "| base+cfg2 |", "| nll |", "| mclr lam=10 |", "| mclr lam=3 |", "| mclr lam=1 |",
+                "| cca lam=50 |", "| cca lam=5 |", "| cc_dpo beta=0.2 |", "| cc_dpo beta=2 |"):
         assert row in table
+    best = (summary / "best.md").read_text()
+    assert [ln.split(" | ")[0] for ln in best.splitlines()[2:]] == ["| base", "| CFG", "| nll", "| mclr", "| cca",
+                                                                      "| cc_dpo"]
     results = json.loads(next((tmp_path / "runs").glob("compare-*/results.json")).read_text())
     assert all("own training split" in r["feature_network"] for r in results)
     # the base is the held-out-best of its tracked evaluations; the fine-tunes keep their last weights
     (base,) = (tmp_path / "runs").glob("pretrain-s0-*/model.json")
     assert json.loads(base.read_text())["selected"]["step"] in (1, 2)
-    (mclr,) = (tmp_path / "runs").glob("mclr-s0-*/model.json")
-    assert "selected" not in json.loads(mclr.read_text())
+    mclr = list((tmp_path / "runs").glob("mclr-s0-*/model.json"))
+    assert len(mclr) == 3 and not any("selected" in json.loads(m.read_text()) for m in mclr)
     assert "Image folder" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--features mnist scores against the MNIST digits"):
         run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny, features="mnist")
+
+
+def test_best_settings_takes_each_methods_lowest_fid():
+    from experiments.pipeline import best_settings
+
+    summary = {name: {"fid": {"mean": fid}} for name, fid in
+               [("base", 5.0), ("base+cfg1", 3.0), ("base+cfg2", 4.0), ("mclr lam=1", 2.0), ("mclr lam=10", 1.0)]}
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ")[1] for ln in best_settings(summary).splitlines()[2:]}
+    assert rows == {"base": "base", "CFG": "base+cfg1", "mclr": "mclr lam=10"}
