@@ -1,9 +1,11 @@
 """One pipeline for any class-labelled data: the embedded MNIST digits, or an image folder of your own.
 
     tokenizer -> base VAR (nll, 10% class dropout) -> fine-tune: nll control | MCLR | CCA | CC-DPO -> compare
+    (a folder: MCLR, CCA and CC-DPO each at three strengths, STRENGTH_GRID, as CFG at several scales)
 
     python -m experiments.pipeline                                     # the embedded MNIST demo (experiments.demo)
     python -m experiments.pipeline --data imagefolder --root DIR [--seeds 0 1 2] [--num-samples 5000] [--set K=V]
+                                   [--strengths tuned|sweep]
 
 DIR holds train/<class>/<images> and, if you have one, a held-out val/<class>/<images> (without it, the last 10% of
 every training class is held out: data.heldout_share in configs/folder/tokenizer.yaml). The stage configs are
