@@ -1,5 +1,6 @@
 """Training length and held-out tracking (docs/method.md, "Training length"): train.epochs, run.eval_every,
 train.keep = best_heldout and an image folder's data.heldout_share split."""
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from test_train import metrics, tiny_run_tree, write_cfg
-from var_mclr.checkpoints import read_model_info
+from var_mclr.checkpoints import CheckpointError, read_model_info
 from var_mclr.config import ConfigError, load_config
 from var_mclr.data import build_dataset
 from var_mclr.train import steps_for_epochs, train
@@ -113,3 +114,18 @@ def test_tracking_a_folder_without_heldout_data_is_refused_before_training(tmp_p
     tree["data"]["heldout_share"] = 0.1
     load_config(write_cfg(tmp_path, tree, "fold"))
     assert not (tmp_path / "fold").exists()
+
+
+def test_a_best_file_from_another_evaluation_is_refused(tmp_path):
+    tree = tiny_run_tree(tmp_path, "b", steps=4, keep="best_heldout")
+    tree["run"].update(eval_every=2, eval_images=16)
+    cfg_path = write_cfg(tmp_path, tree, "b")
+    train(load_config(cfg_path))
+    info_path = tmp_path / "b" / "best.json"
+    info = json.loads(info_path.read_text())
+    info["selected"]["step"] = 99  # e.g. left by an earlier, different run
+    info_path.write_text(json.dumps(info))
+    (tmp_path / "b" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="best.safetensors holds the weights of"):
+        train(load_config(cfg_path))
+    assert not (tmp_path / "b" / "model.safetensors").exists()
