@@ -148,8 +148,8 @@ def test_pipeline_end_to_end_on_a_generated_folder(tmp_path, capsys):
     summary = run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny)
     table = (summary / "summary.md").read_text()
     # a folder's default: every fine-tuned method at each of its STRENGTH_GRID values
-    for row in ("| base |", "| base+cfg2 |", "| nll |", "| mclr lam=10 |", "| mclr lam=3 |", "| mclr lam=1 |",
-                "| cca lam=50 |", "| cca lam=5 |", "| cc_dpo beta=0.2 |", "| cc_dpo beta=2 |"):
+    for row in ("| base |", "| base+cfg2 |", "| nll |", "| mclr lam=10 |", "| mclr lam=3 |", "| mclr lam=0.3 |",
+                "| cca lam=50 |", "| cca lam=1.5 |", "| cc_dpo beta=0.2 |", "| cc_dpo beta=6 |"):
         assert row in table
     best = (summary / "best.md").read_text()
     assert [ln.split(" | ")[0] for ln in best.splitlines()[2:]] == ["| base", "| CFG", "| nll", "| mclr", "| cca",
@@ -160,7 +160,7 @@ def test_pipeline_end_to_end_on_a_generated_folder(tmp_path, capsys):
     (base,) = (tmp_path / "runs").glob("pretrain-s0-*/model.json")
     assert json.loads(base.read_text())["selected"]["step"] in (1, 2)
     mclr = list((tmp_path / "runs").glob("mclr-s0-*/model.json"))
-    assert len(mclr) == 3 and not any("selected" in json.loads(m.read_text()) for m in mclr)
+    assert len(mclr) == 4 and not any("selected" in json.loads(m.read_text()) for m in mclr)
     assert "Image folder" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--features mnist scores against the MNIST digits"):
         run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny, features="mnist")
