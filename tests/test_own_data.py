@@ -173,3 +173,15 @@ def test_best_settings_takes_each_methods_lowest_fid():
                [("base", 5.0), ("base+cfg1", 3.0), ("base+cfg2", 4.0), ("mclr lam=1", 2.0), ("mclr lam=10", 1.0)]}
     rows = {ln.split(" | ")[0][2:]: ln.split(" | ")[1] for ln in best_settings(summary).splitlines()[2:]}
     assert rows == {"base": "base", "CFG": "base+cfg1", "mclr": "mclr lam=10"}
+
+
+def test_unseen_folders_are_class_labelled_image_folders(tmp_path):
+    from experiments.unseen_folders import main
+
+    main(["--out", str(tmp_path)])
+    digits = build_dataset({"name": "imagefolder", "root": str(tmp_path / "digits"), "resolution": 16,
+                            "num_classes": 10, "heldout_share": 0.1}, "train")
+    patches = build_dataset({"name": "imagefolder", "root": str(tmp_path / "patches"), "resolution": 16,
+                             "num_classes": 10, "heldout_share": 0.1}, "val")
+    assert len(digits) == 1797 - 185  # ceil(10%) of each class's 174-183 digits (18 or 19) held out
+    assert len(patches) == 10 * 20 and patches[0][0].shape == (3, 16, 16)
