@@ -173,11 +173,12 @@ def test_imagenet_config_runs_on_official_layout_weights_and_an_image_folder(tmp
     var = VAR(VARConfig.official(2, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=3, patch_nums=vae.patch_nums))
     torch.save(var.state_dict(), tmp_path / "var_d2.pth")
     g = torch.Generator().manual_seed(0)
-    for c in range(3):
-        (tmp_path / "imagenet" / "train" / f"n0{c}").mkdir(parents=True)
-        for i in range(4):
-            pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(tmp_path / "imagenet" / "train" / f"n0{c}" / f"{i}.JPEG")
+    for split, n in (("train", 4), ("val", 1)):  # the config tracks held-out nll on val/
+        for c in range(3):
+            (tmp_path / "imagenet" / split / f"n0{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "imagenet" / split / f"n0{c}" / f"{i}.JPEG")
     t = vae.cfg
     overrides = [f"run.out_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'imagenet'}", "data.resolution=16",
                  "data.num_classes=3", "data.num_workers=0", f"tokenizer.checkpoint={tmp_path / 'vae.pth'}",
@@ -188,6 +189,8 @@ def test_imagenet_config_runs_on_official_layout_weights_and_an_image_folder(tmp
                  "train.mixed_precision=no", "run.log_every=1",
                  "loss.mclr.tau=0.1"]  # random weights do not separate classes: tau: auto (rightly) refuses them
     final = train(load_config(REPO / "configs" / "var_d16.yaml", overrides))
-    rows = metrics(tmp_path / "run")
+    rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
     assert final.exists() and len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert 0 <= rows[0]["ratio_acc"] <= 1  # the MCLR objective of var_d16.yaml ran
+    tracked = [r for r in metrics(tmp_path / "run") if "heldout_nll" in r]
+    assert [r["step"] for r in tracked] == [1]  # the last step (eval_every 1000 > 2 steps)
