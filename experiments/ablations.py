@@ -77,9 +77,13 @@ def main(argv: list[str] | None = None) -> None:
                           [f"tokenizer.checkpoint={tok}", f"run.seed={args.seed}", f"model.init={base}", *overrides])
         timing = ckpt.parent / "train_seconds.json"
         if not ckpt.exists():
+            resumed = (ckpt.parent / "checkpoints").is_dir()
             tic = time.perf_counter()
             run_stage(cfg, ckpt, train)
-            write_text_atomic(timing, json.dumps(time.perf_counter() - tic))
+            if resumed:  # the time would cover only the steps after the checkpoint
+                log.warning("%s resumed from a checkpoint: its training time is not recorded", ckpt.parent)
+            else:
+                write_text_atomic(timing, json.dumps(time.perf_counter() - tic))
         row_file = out / f"{ckpt.parent.name}-cfg{cfg_scale:g}.json"
         if row_file.is_file():
             row = json.loads(row_file.read_text())
