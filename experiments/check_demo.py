@@ -1,0 +1,87 @@
+"""Checks a `make demo` run against the README's seed-0 row, within the tolerance the README states:
+
+    python -m experiments.check_demo [--root runs/mnist | --compare runs/mnist/compare-s0-n5000-XXXXXXXX]
+
+Reads the newest compare-s0-n5000-*/ under --root (or the directory given with --compare). Passes when every
+reference row's FID is within 5 and its precision and recall within 0.02 of the reference, and every row was scored
+with the shipped 16-px classifier (the hash of its tensors). Exit status 1 lists the rows that missed.
+The tolerance is about one seed std of a method (README "Reproducing"): other thread counts or CPUs change the
+order of floating-point reductions, hence the trained weights; on the machine the reference came from, a fresh
+clone reproduces it to the last digit shown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from eval.networks.mnist_cnn import SHIPPED
+from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
+
+log = logging.getLogger("experiments.check_demo")
+
+# README "Reproducing": seed 0, 5,000 samples, fresh clone of commit 4783c7d on the 2-core CPU machine
+REFERENCE = {
+    "base": {"fid": 101.45, "precision": 0.7566, "recall": 0.3213},
+    "base+cfg2": {"fid": 78.25, "precision": 0.7870, "recall": 0.2173},
+    "nll": {"fid": 102.30, "precision": 0.7350, "recall": 0.2900},
+    "mclr": {"fid": 81.17, "precision": 0.8198, "recall": 0.1740},
+    "cca": {"fid": 76.33, "precision": 0.8482, "recall": 0.1011},
+    "cc_dpo": {"fid": 73.51, "precision": 0.7950, "recall": 0.1556},
+}
+TOLERANCE = {"fid": 5.0, "precision": 0.02, "recall": 0.02}
+SEED, NUM_SAMPLES = 0, 5000
+
+
+def newest_comparison(root: Path) -> Path:
+    found = sorted(root.glob(f"compare-s{SEED}-n{NUM_SAMPLES}-*/results.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"--root {root}: no compare-s{SEED}-n{NUM_SAMPLES}-*/results.json; run `make demo` first")
+    return found[-1].parent
+
+
+def check(compare_dir: Path) -> list[str]:
+    """Every way the comparison in compare_dir misses the reference (empty: it reproduces)."""
+    results_file = compare_dir / "results.json"
+    if not results_file.is_file():
+        raise UserError(f"--compare {compare_dir}: no results.json (a directory written by `make demo`)")
+    rows = {row["name"]: row for row in json.loads(results_file.read_text())}
+    shipped_hash = SHIPPED[16][1]
+    problems = []
+    for name, expected in REFERENCE.items():
+        if name not in rows:
+            problems.append(f"{name}: row missing")
+            continue
+        for key, value in expected.items():
+            got = rows[name].get(key)
+            if got is None or abs(got - value) > TOLERANCE[key]:
+                problems.append(f"{name}: {key} {got} is not within {TOLERANCE[key]} of {value}")
+        record = json.loads((compare_dir / name / "metrics.json").read_text())
+        if (record["seed"], record["num_samples"]) != (SEED, NUM_SAMPLES):
+            problems.append(f"{name}: seed {record['seed']}, {record['num_samples']} samples; the reference is "
+                            f"seed {SEED}, {NUM_SAMPLES} samples")
+        if record["feature_network"].get("weights_sha256") != shipped_hash:
+            problems.append(f"{name}: scored by feature network {record['feature_network'].get('weights_sha256')}, "
+                            f"not the shipped classifier {shipped_hash[:8]}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/mnist", help="where `make demo` wrote its stages")
+    p.add_argument("--compare", help="a compare-s0-n5000-* directory (default: the newest under --root)")
+    args = add_debug_flag(p).parse_args(argv)
+    with reporting_user_errors(args.debug):
+        compare_dir = Path(args.compare) if args.compare else newest_comparison(Path(args.root))
+        problems = check(compare_dir)
+    if problems:
+        log.error("%s does not reproduce the README's seed-0 row:\n  %s", compare_dir, "\n  ".join(problems))
+        raise SystemExit(1)
+    log.info("%s reproduces the README's seed-0 row (FID within %g, precision and recall within %g, shipped "
+             "classifier)", compare_dir, TOLERANCE["fid"], TOLERANCE["precision"])
+
+
+if __name__ == "__main__":
+    main()
