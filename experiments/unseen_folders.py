@@ -1,13 +1,16 @@
-"""Two class-labelled image folders the project was never tuned on, written from data that ships inside installed
+"""Three class-labelled image folders the project was never tuned on, written from data that ships inside installed
 packages (nothing is downloaded), for checking the folder pipeline's defaults (README, "Your own data"):
 
 - digits: scikit-learn's 8 x 8 handwritten digits (1,797 images, 10 classes), grey PNGs in train/<digit>/.
 - patches: 2,000 colour patches cut from scikit-learn's two sample photographs (china, flower) and matplotlib's
   grace_hopper.jpg; a class is one region of one photograph (2 x 2 regions of each sample photo, 2 of the portrait:
   10 classes), a patch is a random 32-64 px square of it resized to 32 x 32.
+- letters: 2,000 printed capitals A-J (10 classes), each drawn in one of matplotlib's bundled fonts (DejaVu Sans,
+  Sans Mono, Serif and STIX in four weights/slants each, Computer Modern roman and sans) at a random size,
+  rotation and offset, white on black, 32 x 32 grey PNGs.
 
     python -m experiments.unseen_folders --out DIR       # then: python -m experiments.pipeline --data imagefolder
-                                                          #         --root DIR/digits  (or DIR/patches)
+                                                          #         --root DIR/digits  (or patches, letters)
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from sklearn.datasets import load_digits, load_sample_images
 
 log = logging.getLogger("experiments.unseen_folders")
@@ -59,15 +62,44 @@ def write_patches(root: Path, per_class: int = 200, seed: int = 0) -> int:
     return per_class * len(photo_regions())
 
 
+LETTER_FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSansMono",
+                "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique", "DejaVuSerif",
+                "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic", "STIXGeneral", "STIXGeneralBol",
+                "STIXGeneralItalic", "STIXGeneralBolIta", "cmr10", "cmss10")
+
+
+def write_letters(root: Path, per_class: int = 200, seed: int = 0) -> int:
+    rng = np.random.default_rng(seed)
+    font_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    for letter in "ABCDEFGHIJ":
+        path = root / "train" / letter
+        path.mkdir(parents=True)
+        for i in range(per_class):
+            font = ImageFont.truetype(str(font_dir / f"{LETTER_FONTS[rng.integers(len(LETTER_FONTS))]}.ttf"),
+                                      size=int(rng.integers(18, 27)))
+            canvas = Image.new("L", (48, 48))
+            ImageDraw.Draw(canvas).text((24 + rng.integers(-3, 4), 24 + rng.integers(-3, 4)), letter, fill=255,
+                                        font=font, anchor="mm")
+            canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
+            canvas.crop((8, 8, 40, 40)).save(path / f"{i:03d}.png")
+    return per_class * 10
+
+
+FOLDERS = {"digits": write_digits, "patches": write_patches, "letters": write_letters}
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="writes OUT/digits and OUT/patches (each must not exist yet)")
-    out = Path(p.parse_args(argv).out)
-    for name, write in (("digits", write_digits), ("patches", write_patches)):
+    p.add_argument("--out", required=True, help="writes OUT/<folder> for each folder (none may exist yet)")
+    p.add_argument("--folders", nargs="*", choices=tuple(FOLDERS), default=list(FOLDERS))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    for name in args.folders:
         if (out / name).exists():
             p.error(f"--out {out}: {out / name} already exists; choose another directory")
-    for name, write in (("digits", write_digits), ("patches", write_patches)):
+    for name in args.folders:
+        write = FOLDERS[name]
         log.info("%s: %d images in %s", name, write(out / name), out / name)
 
 
