@@ -185,3 +185,10 @@ def test_unseen_folders_are_class_labelled_image_folders(tmp_path):
                              "num_classes": 10, "heldout_share": 0.1}, "val")
     assert len(digits) == 1797 - 185  # ceil(10%) of each class's 174-183 digits (18 or 19) held out
     assert len(patches) == 10 * 20 and patches[0][0].shape == (3, 16, 16)
+    letters = build_dataset({"name": "imagefolder", "root": str(tmp_path / "letters"), "resolution": 16,
+                             "num_classes": 10}, "train")
+    assert letters.classes == list("ABCDEFGHIJ") and len(letters) == 2000
+    image, label = letters[0]
+    assert label == 0 and image.max() > 0.5 and image.min() == -1  # a white letter on black
+    with pytest.raises(SystemExit):  # nothing is overwritten
+        main(["--out", str(tmp_path), "--folders", "letters"])
