@@ -151,17 +151,20 @@ def summarise(per_seed: list[list[dict]], out: Path) -> str:
 
 
 def best_settings(summary: dict) -> str:
-    """The row of lowest mean FID of every method (base, CFG, nll and each fine-tuned method over its strengths)."""
+    """The row of lowest mean FID of every method (base, CFG, nll and each fine-tuned method over its strengths),
+    and whether it is the first or last value its method tried: there the optimum may lie beyond the grid."""
     groups: dict[str, list[str]] = {}
-    for name in summary:
+    for name in summary:  # in the order the strengths were run, strongest fine-tuning and weakest CFG first
         method = "CFG" if name.startswith("base+cfg") else name.split(" ")[0]
         groups.setdefault(method, []).append(name)
-    lines = ["| method | best setting | FID | class_accuracy | recall |", "|---|---|---|---|---|"]
+    lines = ["| method | best setting | FID | class_accuracy | recall | at an edge of the grid |",
+             "|---|---|---|---|---|---|"]
     for method, names in groups.items():
         best = min(names, key=lambda n: summary[n].get("fid", {}).get("mean", math.inf))
         cells = [f"{summary[best][k]['mean']:.4g}" if k in summary[best] else "n/a"
                  for k in ("fid", "class_accuracy", "recall")]
-        lines.append(f"| {method} | {best} | " + " | ".join(cells) + " |")
+        edge = "-" if len(names) == 1 else "yes" if best in (names[0], names[-1]) else "no"
+        lines.append(f"| {method} | {best} | " + " | ".join(cells) + f" | {edge} |")
     return "\n".join(lines) + "\n"
 
 
