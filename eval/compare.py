@@ -147,7 +147,7 @@ def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float]
         raise SettingsError(f"--cfg-scales = {cfg_scales} is out of range: must be finite numbers")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = run_rows(plan_rows(base, finetuned, cfg_scales), common, out_dir, data_name)
-    write_tables(results, out_dir, f"{common.num_samples} samples, seed {common.seed}")
+    write_tables(results, out_dir, f"{common.num_samples} samples, sampling seed {common.seed}")
     plot(results, out_dir)
     side_by_side_grid(results, out_dir)
     return results
