@@ -6,9 +6,9 @@ Reads the newest compare-s0-n5000-*/ under --root (or the directory given with -
 reference row's FID is within 5 and its precision and recall within 0.02 of the reference, and every row was scored
 with the shipped 16-px classifier (the hash of its tensors). Exit status 1 lists the rows that missed.
 The tolerance is about one seed std of a method (README "Reproducing"). On the CPU type and thread count the
-reference came from, a fresh clone reproduces it to the last digit shown. Another CPU type runs other kernels, whose
-rounding makes training another draw of its noise, like another seed: there the base and nll rows have missed by
-12-13 FID while the guided and fine-tuned rows stayed within 5 (README "Reproducing" gives that machine's row).
+reference came from, a fresh clone reproduces it to the last digit shown. On another CPU type training becomes
+another draw of its noise, like another seed (most likely other kernels, other rounding): there the base and nll
+rows have missed by 12-13 FID while the guided and fine-tuned rows stayed within 5 (README "Reproducing").
 """
 from __future__ import annotations
 
