@@ -114,7 +114,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = save_model(var, tmp_path / "var")
     before = path.read_bytes()
 
-    def crash_mid_write(state, filename):
+    def crash_mid_write(state, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise OSError("disk full")

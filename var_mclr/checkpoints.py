@@ -2,7 +2,8 @@
 
 Official files are plain state dicts saved with torch.save; they are read with weights_only=True and checked key by
 key, so a wrong file fails with a message naming every missing, unexpected or mis-shaped entry. The project's own
-checkpoints are a ``name.safetensors`` file plus ``name.json`` with the hyperparameters, both written atomically.
+checkpoints are a ``name.safetensors`` file holding the hyperparameters in its metadata (one atomic write), plus a
+readable copy of them in ``name.json``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tokenizer.model import VQVAE, VQVAEConfig
@@ -140,27 +142,62 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path, path.with_suffix(".json")
 
 
+# The hyperparameters travel inside the weights file (safetensors metadata), so the two are written as one unit by
+# one atomic rename; model.json beside it is a readable copy that may be missing (a disk that filled up in between).
+INFO_KEY = "var_mclr.model_info"
+
+
 def save_model(model: VQVAE | VAR, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Weights as safetensors, hyperparameters (and any extra provenance) as JSON beside them."""
+    """Weights as safetensors with the hyperparameters (and any extra provenance) embedded, plus a JSON copy."""
     weights, meta = _paths(path)
     kind = "vqvae" if isinstance(model, VQVAE) else "var"
     info = {"kind": kind, "config": model.cfg.to_dict(), **(extra or {})}
+    text = json.dumps(info, indent=2, default=str)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(state, tmp))
-    atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={INFO_KEY: text}))
+    atomic_write(meta, lambda tmp: Path(tmp).write_text(text))
     return weights
 
 
+def embedded_info(weights: Path) -> dict | None:
+    """The hyperparameters saved inside a weights file; None for a file written before they were embedded."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            text = (f.metadata() or {}).get(INFO_KEY)
+    except Exception as e:  # safetensors' errors (a truncated header, say) do not name the file
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{weights}: its embedded hyperparameters are not valid JSON ({e})") from e
+
+
 def read_model_info(path: str | os.PathLike) -> dict:
+    """The hyperparameters of a model saved by save_model: those embedded in the weights file (written with it, so
+    never out of step), else, for files written before they were embedded, the JSON file beside it."""
     weights, meta = _paths(path)
     if not weights.is_file():
         raise CheckpointError(f"checkpoint not found: {weights}")
+    info = embedded_info(weights)
+    if info is not None:
+        return info
     if not meta.is_file():
         raise CheckpointError(f"{weights} has no hyperparameter file {meta.name} beside it")
     try:
         return json.loads(meta.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta} is not valid JSON ({e})") from e
+
+
+def is_complete_result(path: str | os.PathLike) -> bool:
+    """Whether a saved model can be loaded: its weights and its hyperparameters are both there."""
+    try:
+        read_model_info(path)
+        return True
+    except CheckpointError:
+        return False
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

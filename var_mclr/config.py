@@ -200,10 +200,24 @@ CHOICES = {
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a second
+    ``train:`` section would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, where: str):
     """YAML, or a ConfigError naming the file (or override) and the line instead of PyYAML's traceback."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -223,6 +237,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base = {base!r} must be the path of one parent config file (a string)")
     return _merge(_read_yaml(path.parent / base, seen + (path,)), raw)
 
 
@@ -315,7 +331,8 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
     errors += [f"{k} must be positive, got {v}" for k, v in positive.items() if v <= 0]
     tau = cfg.loss.mclr.tau
     if isinstance(tau, str) and tau != "auto":
-        errors.append(f"loss.mclr.tau = {tau!r} must be a number >= 0, null (uncapped) or auto")
+        errors.append(f"loss.mclr.tau = {tau!r} must be a number > 0, null (uncapped) or auto")
+    errors += _objective_errors(cfg)
     if not cfg.loss.mclr.tau_multiple > 0:
         errors.append(f"loss.mclr.tau_multiple must be > 0, got {cfg.loss.mclr.tau_multiple}")
     if cfg.train.keep == "best_heldout" and cfg.run.eval_every == 0:
@@ -340,6 +357,18 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
                       "data.heldout_share is 0 (set it to e.g. 0.1)")
 
 
+def _objective_errors(cfg: Config) -> list[str]:
+    """Settings the objective cannot train with, which used to fail only at step 0, after config.yaml and tb/."""
+    objective, m, n = cfg.train.objective, cfg.loss.mclr, cfg.data.num_classes
+    if objective != "nll" and n < 2:  # every negative would be the positive itself
+        return [f"train.objective = {objective} contrasts each image's class with another class: it needs "
+                f"data.num_classes >= 2, got {n}"]
+    if objective == "mclr" and m.negatives == "all" and m.K != n - 1:
+        return [f"loss.mclr.negatives = all scores every mismatched class: loss.mclr.K must be "
+                f"data.num_classes - 1 = {n - 1}, got {m.K}"]
+    return []
+
+
 def _range_errors(cfg: Config) -> list[str]:
     """Numbers outside the range where they mean what their name says. Each of these used to train silently wrong
     (grad_clip < 0 ascends the gradient, 0 freezes the model, min_lr_ratio < 0 gives a negative rate) or to fail only
@@ -357,6 +386,8 @@ def _range_errors(cfg: Config) -> list[str]:
 
     tau = loss.mclr.tau
     rules = [
+        # numpy's global seed (accelerate's set_seed) takes [0, 2**32): anything else fails after out_dir is made.
+        ("run.seed", run.seed, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
         ("train.lr", t.lr, pos, "a finite number > 0"),
         ("train.weight_decay", t.weight_decay, nonneg, "a finite number >= 0"),
         ("train.warmup_steps", t.warmup_steps, lambda v: v >= 0, "an integer >= 0"),
@@ -366,8 +397,9 @@ def _range_errors(cfg: Config) -> list[str]:
         ("train.betas", t.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
         ("train.max_nonfinite_in_row", t.max_nonfinite_in_row, lambda v: v >= 1, "an integer >= 1"),
         ("loss.mclr.lam", loss.mclr.lam, nonneg, "a finite number >= 0"),
-        ("loss.mclr.tau", tau, lambda v: v is None or isinstance(v, str) or v >= 0,
-         "a number >= 0, null (uncapped) or auto"),
+        # tau = 0 caps every pair from step 0: the run would be the nll control under MCLR's name.
+        ("loss.mclr.tau", tau, lambda v: v is None or isinstance(v, str) or v > 0,
+         "a number > 0 (0 caps every pair: the nll control, train.objective = nll), null (uncapped) or auto"),
         ("loss.cca.beta", loss.cca.beta, pos, "a finite number > 0"),
         ("loss.cca.lam", loss.cca.lam, nonneg, "a finite number >= 0"),
         ("loss.cca.uncond_ratio", loss.cca.uncond_ratio, share, "in [0, 1)"),

@@ -76,14 +76,58 @@ def _to_pm1(x: torch.Tensor) -> torch.Tensor:
     return x.mul(2.0).sub_(1.0)
 
 
+def class_dirs(directory: str) -> list[str]:
+    """The sorted class sub-directories of an image folder split; an entry that cannot be examined (a symbolic link
+    loop, a dangling mount) is a DataError naming it rather than an OSError from deep inside the scan."""
+    names = []
+    for entry in os.scandir(directory):
+        try:
+            is_dir = entry.is_dir()
+        except OSError as e:
+            raise DataError(f"{entry.path}: cannot be read as a class directory ({e.strerror}); remove or fix it"
+                            ) from None
+        if is_dir and not entry.name.startswith("."):
+            names.append(entry.name)
+    return sorted(names)
+
+
+# 16-bit grey images: PIL's convert("RGB") clips every value above 255 to white, so they are scaled down first.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _unsupported_mode(im: Image.Image) -> str | None:
+    """Why an image's pixel format cannot be read correctly, or None. PNG's 16-bit grey may also open as mode I."""
+    if im.mode in SIXTEEN_BIT_MODES or (im.mode == "I" and im.format == "PNG"):
+        return None
+    if im.mode in ("I", "F"):  # 32-bit integers or floats: no range to map to [0, 255] without guessing
+        return f"mode {im.mode} ({'32-bit float' if im.mode == 'F' else '32-bit integer'} pixels)"
+    return None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel; 16-bit grey is scaled by 255/65535 instead of clipped."""
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
+        grey = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))
+    return im.convert("RGB")  # grey / CMYK / palette JPEGs exist in ImageNet
+
+
 def _is_readable(path: str) -> bool:
+    """Whether an image opens; unreadable files are skipped (False), but a file the user must act on (too large for
+    PIL's decompression-bomb limit, a pixel format that cannot be mapped to RGB) is a DataError naming it."""
     try:
         with Image.open(path) as im:
+            unsupported = _unsupported_mode(im)
             im.verify()  # checks the header / structure without decoding every pixel
-        return True
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: {e} Downscale or remove it") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:  # PIL raises all of these on bad files
         log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
         return False
+    if unsupported:
+        raise DataError(f"{path}: {unsupported} cannot be read as an RGB image; convert it to 8 or 16 bits per "
+                        "channel")
+    return True
 
 
 def held_out_part(files: list[str], share: float, part: str) -> list[str]:
@@ -113,7 +157,7 @@ class ImageFolderDataset(Dataset):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root!r} does not exist or is not a directory")
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.classes = class_dirs(root)
         if not self.classes:
             raise DataError(f"image folder {root!r} has no class sub-directories (expected root/<class>/<image>)")
         if num_classes is not None and len(self.classes) != num_classes:
@@ -134,6 +178,10 @@ class ImageFolderDataset(Dataset):
                 raise DataError(f"class directory {cdir!r} contains no readable images "
                                  f"(extensions {', '.join(IMG_EXTENSIONS)})")
             if part != "all":
+                if len(files) < 2:  # the held-out slice would be empty and the first held-out score crash
+                    raise DataError(f"data.heldout_share = {held_share:g}: class directory {cdir!r} holds "
+                                    f"{len(files)} readable image(s); holding part of it out needs at least 2 (add "
+                                    "images, or give the folder a val/ split)")
                 files = held_out_part(files, held_share, part)
             self.class_spans.append((len(self.samples), len(self.samples) + len(files)))
             self.samples += [(f, self.class_to_idx[c]) for f in files]
@@ -154,7 +202,9 @@ class ImageFolderDataset(Dataset):
             path, label = self.samples[start + (index - start + attempt) % (stop - start)]
             try:
                 with Image.open(path) as im:
-                    img = im.convert("RGB")  # grey / CMYK / palette JPEGs exist in ImageNet
+                    img = to_rgb(im)
+            except Image.DecompressionBombError as e:  # not a bad file: one the user must downscale
+                raise DataError(f"{path}: {e} Downscale or remove it") from None
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 self.num_skipped += 1
                 log.warning("skipping unreadable image %s (%s: %s); %d skipped so far in this process",
@@ -305,6 +355,20 @@ def dataset_args(section: dict) -> dict:
     return args
 
 
+def check_split_classes(root: str) -> None:
+    """val/ must hold the classes of train/, by name: labels are positions in the sorted names, so one renamed class
+    would score the held-out images of one class under another's label without any error."""
+    train, val = os.path.join(root, "train"), os.path.join(root, "val")
+    if not (os.path.isdir(train) and os.path.isdir(val)):
+        return
+    a, b = class_dirs(train), class_dirs(val)
+    if a != b:
+        only_train, only_val = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise DataError(f"{val} does not hold the classes of {train} (only in train/: {only_train or 'none'}; only "
+                        f"in val/: {only_val or 'none'}); held-out images are labelled by class name, so rename or "
+                        "add the class directories to match")
+
+
 def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Dataset:
     """Build a dataset from the config's ``data`` section. Every dataset has ``num_classes`` and ``classes``.
 
@@ -337,6 +401,7 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Da
                      cfg_data["root"], "centre crop" if crop == "imagenet" else "no flip",
                      " or ".join(w for w, on in (("crop", crop == "imagenet"), ("flip", hflip)) if on))
             train, hflip = False, False  # the eval transform: centre crop, no flip
+        check_split_classes(cfg_data["root"])
         directory, part, share = os.path.join(cfg_data["root"], split), "all", float(cfg_data.get("heldout_share", 0))
         if not os.path.isdir(os.path.join(cfg_data["root"], "val")) and share > 0:
             directory, part = os.path.join(cfg_data["root"], "train"), "rest" if split == "train" else "held"
