@@ -28,13 +28,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
 from pathlib import Path
 
 from eval.compare import COLUMNS, compare
 from eval.settings import EvalSettings
+from var_mclr.checkpoints import is_complete_result
 from var_mclr.config import Config, load_config
+from var_mclr.data import check_split_classes, class_dirs
 from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
 from var_mclr.files import write_text_atomic
 from var_mclr.train import train
@@ -88,7 +89,7 @@ def stage(name: str, yaml_name: str, root: Path, overrides: list[str],
 
 
 def run_stage(cfg: Config, result: Path, fn) -> Path:
-    if result.exists():
+    if result.exists() and is_complete_result(result):  # weights without hyperparameters: the stage rebuilds them
         log.info("cached: %s", result)
         return result
     log.info("running stage -> %s", result.parent)
@@ -118,7 +119,8 @@ def folder_overrides(data_root: Path) -> list[str]:
     train_dir = data_root / "train"
     if not train_dir.is_dir():
         raise PipelineError(f"--root {data_root}: no train/ directory (expected {data_root}/train/<class>/<images>)")
-    classes = [e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")]
+    classes = class_dirs(str(train_dir))  # a symbolic link loop is named, not an OSError
+    check_split_classes(str(data_root))  # val/ must name the classes of train/, before the tokenizer trains
     if len(classes) < 2:
         raise PipelineError(f"--root {data_root}: train/ holds {len(classes)} class directories; a class-conditional "
                             "model needs at least 2")
@@ -173,6 +175,7 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
             strengths: str = "tuned") -> Path:
     """Every stage for every seed (cached ones reused), then the comparison table, plot and grid; returns the
     summary directory."""
+    check_arguments(seeds, num_samples, cfg_scales, overrides, configs, strengths, features, root)
     per_seed, outs = [], []
     runs = finetune_runs(strengths)
     for seed in seeds:
@@ -183,8 +186,9 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
                              .encode()).hexdigest()[:8]
         out = root / f"compare-s{seed}-n{num_samples}-{key}"  # new models or settings: a new directory
         outs.append(out.name)
-        if (out / "results.json").is_file():  # the same models, settings and seed were compared before
-            per_seed.append(json.loads((out / "results.json").read_text()))
+        cached = _cached_results(out / "results.json")  # the same models, settings and seed were compared before
+        if cached is not None:
+            per_seed.append(cached)
         else:
             per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n, _, _ in runs], cfg_scales,
                                     common, out))
@@ -200,6 +204,40 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
         print(f"Lowest mean FID of each method over its strengths (STRENGTH_GRID, --cfg-scales):\n\n{best}")
     print(f"plot: {out / 'fid_vs_cfg.png'}\ngrid: {out / 'grid.png'}\nsummary: {summary_dir / 'summary.md'}")
     return summary_dir
+
+
+def _cached_results(path: Path) -> list[dict] | None:
+    """A comparison's results.json, or None to compare again: when missing, or unreadable (a truncated file, say),
+    which is said naming the file, since comparing again rebuilds it from the checkpoints."""
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError as e:
+        log.warning("%s is unreadable (%s); comparing again", path, e)
+        return None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+        log.warning("%s does not hold a list of result rows; comparing again", path)
+        return None
+    return rows
+
+
+def check_arguments(seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str],
+                    configs: Path, strengths: str, features: str, root: Path) -> None:
+    """Every setting the pipeline will use, checked before any stage trains: the seeds, the comparison's settings,
+    and each stage's config with every override (each stage's config is otherwise read only when it is reached)."""
+    if not seeds:
+        raise PipelineError("--seeds needs at least one training seed (e.g. --seeds 0 1 2)")
+    EvalSettings(num_samples=num_samples, cache_dir=str(root / "cache"), features=features).check()
+    if not all(math.isfinite(s) for s in cfg_scales):
+        raise PipelineError(f"--cfg-scales = {cfg_scales} is out of range: must be finite numbers")
+    for seed in seeds:
+        common = ["tokenizer.checkpoint=tokenizer.safetensors", f"run.seed={seed}", *overrides]
+        stages = [("tokenizer.yaml", overrides), ("pretrain.yaml", common)]
+        stages += [(f"{config}.yaml", [*common, "model.init=base.safetensors", *extra])
+                   for _, config, extra in finetune_runs(strengths)]
+        for yaml_name, stage_overrides in stages:
+            load_config(configs / yaml_name, stage_overrides, check_files=False)
 
 
 def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[int], num_samples: int,

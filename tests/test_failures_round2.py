@@ -185,3 +185,186 @@ def test_a_model_whose_json_copy_failed_to_write_still_loads(tmp_path, monkeypat
     # A stale JSON copy (an older save) never overrides the hyperparameters written with the weights.
     (tmp_path / "tok.json").write_text(json.dumps({"kind": "var", "config": {}}))
     assert ck.read_model_info(tmp_path / "tok.safetensors")["kind"] == "vqvae"
+
+
+def _tokenizer_run(tmp_path, root: Path, name: str, *sets: str):
+    from var_mclr.train_tokenizer import train_tokenizer
+
+    base = [f"data.root={root}", "data.num_classes=3", "tokenizer_train.steps=4", "tokenizer_train.batch_size=4",
+            "tokenizer_train.warmup_steps=1", "run.ckpt_every=2", f"run.out_dir={tmp_path / name}"]
+    return train_tokenizer(load_config(REPO / "configs/folder/tokenizer.yaml", [*base, *sets]))
+
+
+def test_an_incomplete_tokenizer_result_is_rebuilt_from_its_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from experiments.pipeline import run_stage
+    from var_mclr.checkpoints import is_complete_result, read_model_info
+    from var_mclr.files import tensors_sha256
+
+    root = _folder(tmp_path / "d", per_class=3)
+    out = _tokenizer_run(tmp_path, root, "tok")
+    weights = load_file(out)
+    # As an older version left it on a full disk: the weights without metadata, and no model.json beside them.
+    save_file(weights, out)
+    out.with_suffix(".json").unlink()
+    assert not is_complete_result(out)
+    rebuilt = []
+    run_stage(None, out, lambda cfg: rebuilt.append(cfg) or out)  # the pipeline does not call it cached
+    assert rebuilt == [None]
+    _tokenizer_run(tmp_path, root, "tok")  # the rerun rebuilds it from the step-4 checkpoint instead of refusing
+    assert read_model_info(out)["steps"] == 4 and out.with_suffix(".json").is_file()
+    assert tensors_sha256(load_file(out)) == tensors_sha256(weights)
+
+
+# ---- a finished result is never retrained or relabelled; a resume never continues another run --------------------
+def test_a_finished_run_whose_checkpoints_were_deleted_is_not_retrained(tmp_path):
+    _run(tmp_path, "a", steps=3)
+    before = {n: (tmp_path / "a" / n).read_bytes() for n in ("model.safetensors", "model.json", "metrics.jsonl")}
+    shutil.rmtree(tmp_path / "a" / "checkpoints")  # to save disk
+    from var_mclr.run_dir import RunDirError
+
+    with pytest.raises(RunDirError, match=r"model.safetensors is a finished result and .*checkpoints is gone.*"
+                                          r"nothing was overwritten.*--fresh"):
+        _run(tmp_path, "a", steps=5, lr=1e-3)
+    assert before == {n: (tmp_path / "a" / n).read_bytes() for n in before}
+    _run(tmp_path, "a", fresh=True, steps=2)  # --fresh still replaces it, on request
+    assert json.loads((tmp_path / "a" / "model.json").read_text())["steps"] == 2
+
+
+def test_a_resume_past_the_steps_asked_for_is_refused(tmp_path):
+    from var_mclr.run_dir import RunDirError
+
+    _run(tmp_path, "a", steps=6)
+    with pytest.raises(RunDirError, match=r"step_0000006 is at step 6, past the 3 steps asked for"):
+        _run(tmp_path, "a", steps=3)
+    assert json.loads((tmp_path / "a" / "model.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("swap", ["another file", "same path, other weights"])
+def test_a_resume_from_another_tokenizer_is_refused(tmp_path, swap):
+    from var_mclr.checkpoints import save_model
+    from var_mclr.run_dir import RunDirError
+
+    _run(tmp_path, "a", steps=4)
+    other = tmp_path / ("tok2.safetensors" if swap == "another file" else "tok.safetensors")
+    save_model(tiny_vae(seed=1), other)  # the same architecture, other codes
+    with pytest.raises(RunDirError, match=r"step_0000004 was trained from tokenizer.checkpoint .* resuming would "
+                                          r"continue it from other files"):
+        _run(tmp_path, "a", steps=8, tree_update={"tokenizer": {"checkpoint": str(other)}})
+    assert json.loads((tmp_path / "a" / "model.json").read_text())["steps"] == 4
+
+
+def test_a_deleted_config_yaml_does_not_let_another_objective_resume(tmp_path):
+    from var_mclr.run_dir import RunDirError
+
+    _run(tmp_path, "a", steps=4)
+    (tmp_path / "a" / "config.yaml").unlink()
+    (tmp_path / "a" / "model.safetensors").unlink()  # every record but the checkpoint's
+    (tmp_path / "a" / "model.json").unlink()
+    with pytest.raises(RunDirError, match=r"train.objective: 'nll' -> 'mclr'; recorded in state.json"):
+        _run(tmp_path, "a", steps=8, objective="mclr")
+
+
+def test_a_tokenizer_resume_on_other_images_is_refused_and_other_changes_are_recorded(tmp_path, caplog):
+    from var_mclr.run_dir import RunDirError
+
+    root, other = _folder(tmp_path / "d", per_class=3), _folder(tmp_path / "e", per_class=3)
+    _tokenizer_run(tmp_path, root, "tok")
+    for name in ("model.safetensors", "model.json"):  # killed after its step-2 checkpoint
+        (tmp_path / "tok" / name).unlink()
+    shutil.rmtree(tmp_path / "tok" / "checkpoints" / "step_0000004")
+    with pytest.raises(RunDirError, match=r"data.root: '.*/d' -> '.*/e'"):
+        _tokenizer_run(tmp_path, other, "tok")
+    with caplog.at_level(logging.WARNING, logger="var_mclr.run_dir"):
+        out = _tokenizer_run(tmp_path, root, "tok", "tokenizer_train.lr=0.001")
+    assert any("tokenizer_train.lr: 0.0003 -> 0.001" in r.getMessage() for r in caplog.records)
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["config_history"] == [{"step": 2, "changed": {"tokenizer_train.lr": [0.0003, 0.001]}}]
+
+
+def test_a_fixed_cap_below_the_starting_ratios_is_refused(tmp_path, monkeypatch):
+    import var_mclr.calibration as calibration
+    from conftest import tiny_var
+    from var_mclr.checkpoints import save_model
+
+    base = tmp_path / "base.safetensors"
+    save_model(tiny_var(tiny_vae(), num_classes=4), base)
+    # A base whose training pairs all start at a log-ratio of 0.5 nats per token (a tiny base barely separates).
+    monkeypatch.setattr(calibration, "log_ratios_per_token", lambda *a, **k: [torch.full((64,), 0.5)])
+    tree = tiny_run_tree(tmp_path, "a", objective="mclr", steps=2)
+    tree["model"]["init"] = str(base)
+    tree["loss"] = {"mclr": {"tau": 0.05}}
+    with pytest.raises(ConfigError) as err:
+        train(load_config(write_cfg(tmp_path, tree, "a")))
+    assert str(err.value) == ("loss.mclr.tau = 0.05 caps 100% of the training pairs from step 0 (the starting model's "
+                              "mean log-ratio per token is 0.5), so MCLR would be the nll control; use loss.mclr.tau "
+                              "= auto (2 x the mean) or a number above 0.5")
+    assert not (tmp_path / "a" / "config.yaml").exists() and not (tmp_path / "a" / "tb").exists()
+    tree["loss"]["mclr"]["tau"] = 1.0  # above the starting ratios: trains
+    train(load_config(write_cfg(tmp_path, tree, "a")))
+
+
+# ---- run.out_dir that cannot hold a run ----------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
+def test_an_out_dir_that_cannot_hold_a_run_is_named(tmp_path, monkeypatch, case):
+    import errno
+
+    from var_mclr.run_dir import RunDirError
+
+    (tmp_path / "f").write_text("not a directory")
+    name = {"a file": "f", "under a file": "f/run", "read-only": "ro/run"}[case]
+    if case == "read-only":  # as on a read-only mount (root ignores permission bits)
+        real = Path.mkdir
+
+        def read_only(self, *args, **kwargs):
+            if "ro" in self.parts:
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(RunDirError) as err:
+        _run(tmp_path, "x", steps=1, tree_update={"run": {"out_dir": str(tmp_path / name)}})
+    assert str(err.value).startswith(f"run.out_dir {tmp_path / name} cannot hold a run: ") and "\n" not in str(
+        err.value), str(err.value)
+
+
+# ---- the pipeline: every setting checked before the first stage trains ------------------------------------------
+@pytest.mark.parametrize("argv, says", [
+    (["--seeds"], "--seeds needs at least one training seed"),
+    (["--num-samples", "0"], "--num-samples = 0 is out of range"),
+    (["--cfg-scales", "1", "nan"], "--cfg-scales = [1.0, nan] is out of range"),
+    (["--seeds", "0", "-1"], "run.seed = -1 is out of range"),
+    (["--set", "loss.mclr.negatives=all"], "loss.mclr.negatives = all scores every mismatched class"),  # mclr only
+])
+def test_pipeline_settings_are_checked_before_any_stage(tmp_path, capsys, argv, says):
+    from experiments.pipeline import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "runs"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1].startswith("error: ") and says in err[-1], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_on_a_folder_checks_its_classes_before_any_stage(tmp_path, capsys):
+    from experiments.pipeline import main
+
+    root = _folder(tmp_path / "d", splits=("train", "val"))
+    (root / "val" / "b").rename(root / "val" / "d")
+    with pytest.raises(SystemExit):
+        main(["--data", "imagefolder", "--root", str(root), "--out", str(tmp_path / "runs")])
+    assert "only in val/: ['d']" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_cached_comparison_is_named_and_compared_again(tmp_path, caplog):
+    from experiments.pipeline import _cached_results
+
+    path = tmp_path / "results.json"
+    path.write_text('[{"name": "base", "fid": 3.1}, {"name": "mc')
+    with caplog.at_level(logging.WARNING, logger="experiments.pipeline"):
+        assert _cached_results(path) is None
+    assert any(str(path) in r.getMessage() and "comparing again" in r.getMessage() for r in caplog.records)
+    path.write_text('[{"name": "base", "fid": 3.1}]')
+    assert _cached_results(path) == [{"name": "base", "fid": 3.1}]

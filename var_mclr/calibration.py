@@ -23,28 +23,55 @@ AUTO = "auto"
 MIN_MEAN_LOG_RATIO = 1e-3
 
 
+# A fixed cap at or below the starting ratio of this share of the training pairs is refused: such a run is the nll
+# control under MCLR's name (docs/method.md, "The cap").
+MAX_CAPPED_SHARE = 0.9
+
+
 @torch.no_grad()
-def mean_log_ratio_per_token(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int,
-                             num_images: int = 512, batch_size: int = 64) -> float:
-    """Mean of (l(x, c) - l(x, c')) / L over up to num_images training images and their MCLR negatives (roll
-    collisions excluded), with the model in evaluation mode."""
+def log_ratios_per_token(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int,
+                         num_images: int = 512, batch_size: int = 64) -> list[torch.Tensor]:
+    """(l(x, c) - l(x, c')) / L of up to num_images training images and their MCLR negatives (roll collisions
+    excluded), one tensor per batch, with the model in evaluation mode."""
     was_training = var.training
     var.eval()
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(tokens), generator=gen)[:num_images]
-    total, count = 0.0, 0
+    ratios = []
     for indices in chosen.split(batch_size):
         plan = plan_mclr(loss_cfg, tokens.labels_N[indices], num_classes, 0.0, gen)
         idx_BL, x_BLCv = tokens.batch(indices)
         l_BK = loglik_under_classes(var, plan.classes_BK.to(idx_BL.device), x_BLCv, idx_BL).float()
         keep_BK = ~plan.mask_BK[:, 1:].to(l_BK.device)
         ratio_BK = (l_BK[:, :1] - l_BK[:, 1:]) / idx_BL.shape[1]
-        total += float(ratio_BK[keep_BK].sum())
-        count += int(keep_BK.sum())
+        ratios.append(ratio_BK[keep_BK])
     var.train(was_training)
-    if count == 0:
+    if sum(r.numel() for r in ratios) == 0:
         raise ValueError("every sampled negative equals its positive: the dataset needs at least two classes")
-    return total / count
+    return ratios
+
+
+def mean_log_ratio_per_token(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int,
+                             num_images: int = 512, batch_size: int = 64) -> float:
+    """The mean of log_ratios_per_token (summed batch by batch, as the recorded caps were computed)."""
+    batches = log_ratios_per_token(var, tokens, loss_cfg, num_classes, seed, num_images, batch_size)
+    return sum(float(r.sum()) for r in batches) / sum(r.numel() for r in batches)
+
+
+def check_fixed_tau(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int) -> None:
+    """Refuse a fixed loss.mclr.tau that the starting model's pairs already reach: with the hard cap such pairs give
+    the ratio term no gradient, so the run would be nll fine-tuning labelled MCLR."""
+    tau = loss_cfg.mclr.tau
+    ratios = torch.cat([r.float().cpu() for r in log_ratios_per_token(var, tokens, loss_cfg, num_classes, seed)])
+    capped = float((ratios >= tau).float().mean())
+    mean = float(ratios.double().mean())
+    if capped >= MAX_CAPPED_SHARE:
+        raise ConfigError(f"loss.mclr.tau = {tau:g} caps {100 * capped:.0f}% of the training pairs from step 0 (the "
+                          f"starting model's mean log-ratio per token is {mean:.3g}), so MCLR would be the nll "
+                          f"control; use loss.mclr.tau = auto ({loss_cfg.mclr.tau_multiple:g} x the mean) or a "
+                          f"number above {mean:.3g}")
+    log.info("loss.mclr.tau = %g: %.0f%% of training pairs start at or past the cap (mean log-ratio per token %.4f)",
+             tau, 100 * capped, mean)
 
 
 def resolve_auto_tau(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int) -> float:

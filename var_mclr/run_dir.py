@@ -4,16 +4,22 @@
   fails at once with the holder's PID. The kernel drops an flock when its holder dies, however it dies (SIGKILL
   included), so a lock left by a dead run is simply taken over (with a warning naming its PID); the file is removed
   on a clean exit.
-- Identity: once a directory holds checkpoints or final weights, a config that changes the objective or the
-  architecture (of the VAR, of the tokenizer, or the classes and resolution they are built for) is refused: resuming
-  would continue the old weights under the new name. ``fresh`` (train.py ``--fresh``) deletes the earlier run's
-  outputs and starts over instead. Other changes (learning rate, steps, ...) resume, with a warning.
+- Identity: once a directory holds checkpoints or final weights, a config that changes the objective, the
+  architecture (of the VAR, of the tokenizer, or the classes and resolution they are built for) or the images
+  (data.name, data.root, data.heldout_share) is refused: resuming would continue the old weights under the new name.
+  It is checked against every record the directory holds (config.yaml, the newest checkpoint's state.json, the
+  result's model.json), so deleting config.yaml does not lift it. A resume from another tokenizer or model.init file
+  (by content hash), or past train.steps, is refused too. ``fresh`` (train.py ``--fresh``) deletes the earlier run's
+  outputs and starts over instead. Other changes (learning rate, steps, ...) resume, with a warning, and are recorded
+  in the checkpoints' and the result's ``config_history``.
+- A finished result whose checkpoints were deleted is never trained again from scratch over it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -21,11 +27,14 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+import torch
 import yaml
 
 from tokenizer.model import VQVAEConfig
+from var_mclr.checkpoints import CheckpointError, read_model_info
 from var_mclr.config import VAR_DERIVED, Config
 from var_mclr.errors import UserError
+from var_mclr.files import tensors_sha256
 from var_mclr.model import VARConfig
 from var_mclr.train_state import checkpoint_dirs
 
@@ -43,7 +52,7 @@ class RunDirError(UserError):
 
 def identity_keys() -> list[str]:
     """Dotted config keys that define what a run directory trains: the objective and the architecture."""
-    return (["train.objective", "data.num_classes", "data.resolution"]
+    return (["train.objective", "data.num_classes", "data.resolution", "data.name", "data.root", "data.heldout_share"]
             + [f"model.{f.name}" for f in dataclasses.fields(VARConfig) if f.name not in VAR_DERIVED]
             + [f"tokenizer.{f.name}" for f in dataclasses.fields(VQVAEConfig)])
 
@@ -85,9 +94,13 @@ def _acquire(path: Path) -> int:
 @contextlib.contextmanager
 def run_dir_lock(out_dir: Path) -> Iterator[Path]:
     """Hold out_dir for this process until the block ends (RunDirError naming the holder's PID if another has it)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
-    fd = _acquire(path)
+    try:  # a file in the way, a read-only mount, no permission: the user's to fix, named in one line
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path)
+    except OSError as e:
+        raise RunDirError(f"run.out_dir {out_dir} cannot hold a run: {e.strerror or e} ({e.filename or path}); "
+                          "choose a writable directory") from None
     try:
         yield path
     finally:
@@ -110,17 +123,92 @@ def claim_run_dir(out_dir: Path, cfg: Config, fresh: bool) -> None:
         if removed:
             log.warning("--fresh: removed %s from %s", ", ".join(removed), out_dir)
         return
-    saved = out_dir / "config.yaml"
-    if not has_trained(out_dir) or not saved.is_file():
+    if not has_trained(out_dir):
         return
-    try:
-        old = yaml.safe_load(saved.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RunDirError(f"{saved} is not valid YAML ({e.__class__.__name__}), so the run in {out_dir} cannot be "
-                          "checked against this config; rerun with --fresh to start over") from e
+    if not checkpoint_dirs(out_dir):  # rerunning would train from step 0 and replace the result
+        raise RunDirError(f"{out_dir / 'model.safetensors'} is a finished result and {out_dir / 'checkpoints'} is "
+                          "gone, so this run cannot resume: it would train again from scratch over it (nothing was "
+                          "overwritten); choose another run.out_dir, or rerun with --fresh to replace it")
     new = cfg.to_dict()
-    changed = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in identity_keys()
-               if _lookup(old, k) != _lookup(new, k)]
-    if changed:
-        raise RunDirError(f"{out_dir} holds a run of another objective or architecture ({'; '.join(changed)}); "
-                          "choose another run.out_dir, or rerun with --fresh to delete that run and start over")
+    for source, old in _recorded_configs(out_dir):
+        changed = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in identity_keys()
+                   if _lookup(old, k) != _lookup(new, k)]
+        if changed:
+            raise RunDirError(f"{out_dir} holds a run of another objective or architecture "
+                              f"({'; '.join(changed)}; recorded in {source.name}); choose another run.out_dir, or "
+                              "rerun with --fresh to delete that run and start over")
+
+
+def _recorded_configs(out_dir: Path) -> Iterator[tuple[Path, dict]]:
+    """Every config the directory records: config.yaml, the newest checkpoint's, the result's (source_config)."""
+    saved = out_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            yield saved, yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RunDirError(f"{saved} is not valid YAML ({e.__class__.__name__}), so the run in {out_dir} cannot "
+                              "be checked against this config; rerun with --fresh to start over") from e
+    dirs = checkpoint_dirs(out_dir)
+    if dirs:
+        try:
+            yield dirs[-1] / "state.json", json.loads((dirs[-1] / "state.json").read_text()).get("config", {})
+        except (OSError, ValueError):  # an unusable checkpoint: resume_newest names it and falls back
+            pass
+    result = out_dir / "model.safetensors"
+    if result.exists():
+        try:
+            recorded = read_model_info(result).get("source_config")
+        except CheckpointError:  # an incomplete result: rebuilt from the checkpoints
+            recorded = None
+        if recorded:
+            yield out_dir / "model.json", recorded
+
+
+def input_hashes(cfg: Config, vae: torch.nn.Module, var: torch.nn.Module) -> dict[str, str]:
+    """Hashes of the weights a run starts from (tokenizer.checkpoint, and model.init when set), for its checkpoints.
+    The weights, not the file: a result re-saved with other provenance, or converted, still hashes the same."""
+    def params(model):
+        return dict(model.named_parameters())
+
+    hashes = {"tokenizer.checkpoint": tensors_sha256(params(vae))}
+    if cfg.model.init is not None:
+        hashes["model.init"] = tensors_sha256(params(var))
+    return hashes
+
+
+def check_resume(ckpt: Path, state: dict, cfg: Config, inputs: dict[str, str], steps: int) -> None:
+    """Refuse a resume that would continue another run under this config's name: from a checkpoint past `steps`
+    (saved as the step-`steps` result, mislabelled), or from other tokenizer or model.init files than it trained
+    with (another tokenizer's codes mean other images)."""
+    if state["step"] > steps:
+        raise RunDirError(f"{ckpt} is at step {state['step']}, past the {steps} steps asked for; its weights would be "
+                          f"saved as a {steps}-step result. Ask for at least {state['step']} steps, choose another "
+                          "run.out_dir, or rerun with --fresh")
+    recorded = state.get("inputs")
+    old_cfg = state.get("config", {})
+    for key in ("tokenizer.checkpoint", "model.init"):
+        old_path, new_path = _lookup(old_cfg, key) or None, _lookup(cfg.to_dict(), key) or None
+        same = (recorded.get(key) == inputs.get(key)) if recorded is not None else old_path == new_path
+        if not same:
+            raise RunDirError(f"{ckpt} was trained from {key} {old_path} and this config gives {new_path}"
+                              f"{' (other contents)' if old_path == new_path else ''}; resuming would continue it "
+                              f"from other files. Restore {key}, choose another run.out_dir, or rerun with --fresh")
+
+
+def record_changes(old: dict, new: dict, step: int, history: list) -> list:
+    """Warn about the settings a resume changes, and return the run's history of such changes with this one."""
+    changed = {k: [a, b] for k, a, b in _differences(old, new)}
+    if not changed:
+        return history
+    log.warning("resuming at step %d with a config that differs from the checkpoint's: %s", step,
+                "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return [*history, {"step": step, "changed": changed}]
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> Iterator[tuple[str, object, object]]:
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            yield f"{prefix}{k}", a, b

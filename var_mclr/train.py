@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy
-from var_mclr.calibration import AUTO, resolve_auto_tau
+from var_mclr.calibration import AUTO, check_fixed_tau, resolve_auto_tau
 from var_mclr.checkpoints import (CheckpointError, nonfinite_entries, parameters_in, read_model_info,
                                   read_safetensors, save_model)
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config
@@ -36,7 +36,7 @@ from var_mclr.objectives import get_objective, objective_loss
 from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
 from var_mclr.heldout import HeldoutTracker, is_improvement
-from var_mclr.run_dir import claim_run_dir, run_dir_lock
+from var_mclr.run_dir import check_resume, claim_run_dir, input_hashes, record_changes, run_dir_lock
 from var_mclr.tokens import TokenStore
 from var_mclr.train_state import resume_newest, save_training_state
 
@@ -198,6 +198,7 @@ def _train(cfg: Config) -> Path:
     set_seed(cfg.run.seed)  # the same fresh initialisation on every process and every rerun
     vae = build_tokenizer(cfg).to(device)
     var = build_var(cfg, vae).to(device)
+    inputs = input_hashes(cfg, vae, var)  # what a resume must start from again (run_dir.check_resume)
     # CCA's trainer runs its frozen reference in training mode: with drop-path on, the reference drops paths too.
     ref = frozen_copy(var).train().to(device) if objective.needs_reference else None
     if t.compile:  # after the reference copy, which stays eager; names and checkpoints are unchanged
@@ -228,20 +229,21 @@ def _train(cfg: Config) -> Path:
     var, optimizer = accelerator.prepare(var, optimizer)
     model = accelerator.unwrap_model(var)
 
-    start_step, nonfinite_total, last_ckpt, resumed_from, best = 0, 0, None, None, None
+    start_step, nonfinite_total, last_ckpt, resumed_from, best, history = 0, 0, None, None, None, []
     resumed = resume_newest(out_dir, model, optimizer, scheduler)
     if resumed:
         resumed_from, state = resumed
+        check_resume(resumed_from, state, cfg, inputs, t.steps)
         start_step, nonfinite_total = state["step"], state.get("nonfinite_total", 0)
         best = state.get("best_heldout")  # {"step", "heldout_nll"} of best.safetensors, when train.keep chooses
         log.info("resumed from %s at step %d", resumed_from, start_step)
         if cfg.loss.mclr.tau == AUTO:  # resolved when the run started; never re-measured on the fine-tuned model
             cfg.loss.mclr.tau = state.get("config", {}).get("loss", {}).get("mclr", {}).get("tau", AUTO)
-        changed = _changed_keys(state.get("config", {}), cfg.to_dict())
-        if changed:
-            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
+        history = record_changes(state.get("config", {}), cfg.to_dict(), start_step, state.get("config_history", []))
     elif t.objective == "mclr" and cfg.loss.mclr.tau == AUTO:  # every process measures the same pairs
         cfg.loss.mclr.tau = resolve_auto_tau(model, tokens, cfg.loss, cfg.data.num_classes, cfg.run.seed)
+    elif t.objective == "mclr" and cfg.loss.mclr.tau is not None:  # a fixed cap that caps every pair is refused
+        check_fixed_tau(model, tokens, cfg.loss, cfg.data.num_classes, cfg.run.seed)
     if accelerator.is_main_process:  # also before any checkpoint: a run killed early logged steps it will redo
         _truncate_metrics(out_dir / "metrics.jsonl", start_step)
         save_config(cfg, out_dir / "config.yaml")  # what this run trains with (the resolved cap included)
@@ -322,7 +324,8 @@ def _train(cfg: Config) -> Path:
             elif accelerator.is_main_process:
                 last_ckpt = save_training_state(out_dir, done, model, optimizer, scheduler,
                                                 {"nonfinite_total": nonfinite_total, "config": cfg.to_dict(),
-                                                 "best_heldout": best},
+                                                 "best_heldout": best, "inputs": inputs,
+                                                 "config_history": history},
                                                 keep=cfg.run.keep_ckpts)
     if not _savable(model, t.steps, nonfinite_in_row, _last_good(last_ckpt, resumed_from)):
         raise NonFiniteLossError(f"the last {nonfinite_in_row} step(s) gave a non-finite loss or gradient, so the "
@@ -330,7 +333,8 @@ def _train(cfg: Config) -> Path:
                                  "train.lr or check the objective's settings")
     accelerator.wait_for_everyone()
     final = out_dir / "model.safetensors"
-    extra = {"objective": t.objective, "steps": t.steps, "source_config": cfg.to_dict()}
+    extra = {"objective": t.objective, "steps": t.steps, "source_config": cfg.to_dict(), "inputs": inputs,
+             "config_history": history}
     if t.keep == "best_heldout":
         _load_best(model, out_dir, best)
         extra["selected"] = best
@@ -382,17 +386,6 @@ def _load_best(model: torch.nn.Module, out_dir: Path, best: dict | None) -> None
     model.load_state_dict(state, strict=True)
     log.info("train.keep = best_heldout: the result is the weights after step %d (held-out nll %.4f per token)",
              best["step"], best["heldout_nll"])
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:

@@ -28,10 +28,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from tokenizer.model import VQVAE
-from var_mclr.checkpoints import parameters_in, require_finite, save_model
+from var_mclr.checkpoints import is_complete_result, parameters_in, require_finite, save_model
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config, vqvae_config
 from var_mclr.data import build_dataset, dataset_args  # the data VAR training reads, exactly
-from var_mclr.run_dir import RunDirError, claim_run_dir, run_dir_lock
+from var_mclr.run_dir import RunDirError, check_resume, claim_run_dir, record_changes, run_dir_lock
 from var_mclr.train import RankBatchSampler, step_generator
 from var_mclr.train_state import resume_newest, save_training_state
 
@@ -63,8 +63,10 @@ def train_tokenizer(cfg: Config, fresh: bool = False) -> Path:
 def _train_tokenizer(cfg: Config) -> Path:
     out_dir = Path(cfg.run.out_dir)
     out = out_dir / "model.safetensors"
-    if out.exists():
+    if out.exists() and is_complete_result(out):
         raise RunDirError(f"{out} exists; choose another run.out_dir (nothing was overwritten)")
+    if out.exists():  # weights without their hyperparameters (saved by an older version): the checkpoints rebuild it
+        log.warning("%s is incomplete (no hyperparameters); rebuilding it from the training checkpoints", out)
     torch.manual_seed(cfg.run.seed)
     tc = cfg.tokenizer_train
     vae = VQVAE(vqvae_config(cfg.tokenizer))
@@ -82,10 +84,12 @@ def _train_tokenizer(cfg: Config) -> Path:
         reseed_dead_codes(vae, f, torch.zeros(vae.V), gen)
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
-    start_step, hits_window_V, rec_value = 0, torch.zeros(vae.V), math.nan
+    start_step, hits_window_V, rec_value, history = 0, torch.zeros(vae.V), math.nan, []
     resumed = resume_newest(out_dir, vae, opt, sched)
     if resumed:
         ckpt, state = resumed
+        check_resume(ckpt, state, cfg, {}, tc.steps)
+        history = record_changes(state.get("config", {}), cfg.to_dict(), state["step"], state.get("config_history", []))
         start_step, rec_value = state["step"], state.get("rec_loss", math.nan)
         gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         hits_window_V = torch.tensor(state["codebook_hits"], dtype=torch.float32)
@@ -132,14 +136,15 @@ def _train_tokenizer(cfg: Config) -> Path:
         if done % cfg.run.ckpt_every == 0 or done == tc.steps:  # var_mclr/train_state.py: atomic, finite only
             save_training_state(out_dir, done, vae, opt, sched,
                                 {"generator": gen.get_state().tolist(), "codebook_hits": hits_window_V.tolist(),
-                                 "rec_loss": rec_value, "config": cfg.to_dict()}, keep=cfg.run.keep_ckpts)
+                                 "rec_loss": rec_value, "config": cfg.to_dict(), "config_history": history},
+                                keep=cfg.run.keep_ckpts)
     writer.close()
     vae.eval()
     if not math.isfinite(rec_value):
         raise ConfigError(f"the tokenizer's reconstruction loss ended non-finite ({rec_value}); nothing was "
                           "saved; lower tokenizer_train.lr")
     require_finite(parameters_in(vae, vae.state_dict()), "the trained tokenizer")
-    save_model(vae, out, extra={"steps": tc.steps, "final_rec_loss": rec_value})
+    save_model(vae, out, extra={"steps": tc.steps, "final_rec_loss": rec_value, "config_history": history})
     return out
 
 
