@@ -12,31 +12,36 @@ metrics.json, which records every setting, seed, hash and the code version behin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from torchvision.utils import save_image
+from tqdm import tqdm
 
-from eval.features import (OWN_DATA_NETWORKS, FeatureNet, Reference, dinov2_net, embedded_reference, file_reference,
-                           inception_net)
+from eval.features import (OWN_DATA_NETWORKS, FeatureNet, NetOutputs, Reference, dinov2_net, embedded_reference,
+                           file_reference, inception_net)
+from eval.grid import class_names, labelled_grid, save_png
+from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, inception_score, precision_recall,
+                          to_uint8_nhwc)
 from eval.run_data import DataSpecError, own_classifier_net, recorded_data
-from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, from_uint8_nhwc, inception_score,
-                          precision_recall, save_samples_npz, to_uint8_nhwc)
-from eval.sampling_run import SampleSet, balanced_labels, code_version, load_for_eval, sample_set
+from eval.sampling_run import balanced_labels, code_version, load_for_eval, sample_set
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args
+from eval.shards import (Shard, fingerprint, images_of_classes, read_shard, shard_dir, shard_path,
+                         stream_samples_npz, write_shard)
 from var_mclr.errors import reporting_user_errors
-from var_mclr.files import atomic_write, write_text_atomic
+from var_mclr.files import file_sha256, write_text_atomic
+from var_mclr.run_dir import run_dir_lock
 
 log = logging.getLogger("eval.fid")
 
 
-def score(samples: SampleSet, net: FeatureNet, ref: Reference, device, num_classes: int) -> dict:
+def score(o: NetOutputs, labels_N: torch.Tensor, net: FeatureNet, ref: Reference, device, num_classes: int) -> dict:
     """ADM's metrics: FID against ref's statistics, precision/recall (k=3) against ref's features, IS (10 splits)."""
-    o = net.outputs(samples.images_N3HW, device)
     mu, sigma = feature_statistics(o.features_ND)
     out = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "precision": None, "recall": None,
            "inception_score": None, "class_accuracy": None}
@@ -45,51 +50,115 @@ def score(samples: SampleSet, net: FeatureNet, ref: Reference, device, num_class
     if o.score_probs_NK is not None:
         out["inception_score"] = inception_score(o.score_probs_NK, splits=min(10, len(o.score_probs_NK)))[0]
     if net.class_accuracy_basis(num_classes)[0] and o.predicted_N is not None:
-        out["class_accuracy"] = class_accuracy(o.predicted_N, samples.labels_N)
+        out["class_accuracy"] = class_accuracy(o.predicted_N, labels_N)
     return out
 
 
-def save_outputs(out_dir: Path, samples: SampleSet, record: dict, num_classes: int, grid_per_class: int = 8) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_samples_npz(str(out_dir / "samples.npz"), to_uint8_nhwc(samples.images_N3HW), samples.labels_N.numpy())
-    # Grid: one row per class (first classes only for large label sets), same positions for every model.
-    rows = []
-    for c in range(min(num_classes, 16)):
-        rows.append(samples.images_N3HW[samples.labels_N == c][:grid_per_class])
-    grid = torch.cat(rows).add(1).div(2)
-    atomic_write(out_dir / "grid.png", lambda tmp: save_image(grid, tmp, nrow=grid_per_class, padding=1, format="png"))
-    write_text_atomic(out_dir / "metrics.json", json.dumps(record, indent=2))
+def sample_shards(args: EvalSettings, models: tuple, sampling, net: FeatureNet, fps: tuple[str, str],
+                  accelerator: Accelerator) -> list[Path]:
+    """Every batch of the evaluation as a shard on disk (eval/shards.py): this process's share is sampled, or read
+    back when a shard from these settings is already there. Returns the shard paths of all processes, in order."""
+    vae, var = models
+    out_dir, device = Path(args.out_dir), accelerator.device
+    labels_N = balanced_labels(args.num_samples, var.num_classes)
+    starts = list(range(0, args.num_samples, args.batch_size))
+    with accelerator.split_between_processes(starts) as mine:
+        for start in tqdm(mine, desc=f"sampling ({sampling.guidance}, {accelerator.num_processes} process(es))",
+                          disable=not accelerator.is_main_process, unit="batch"):
+            label_B = labels_N[start:start + args.batch_size]
+            path = shard_path(out_dir, start)
+            if path.exists():
+                shard, same_features = read_shard(path, fps[0], fps[1], len(label_B))
+                if same_features:
+                    continue
+                shard = with_features(shard, net, device)  # another feature network: features from its images
+            else:
+                shard = new_shard(var, vae, sampling, label_B, args.seed * 1_000_003 + start, net, device)
+            write_shard(path, shard, {"sampling": fps[0], "features": fps[1], "start": start})
+    accelerator.wait_for_everyone()
+    return [shard_path(out_dir, start) for start in starts]
+
+
+def new_shard(var, vae, sampling, label_B: torch.Tensor, seed: int, net: FeatureNet, device) -> Shard:
+    part = sample_set(var, vae, sampling, label_B, len(label_B), seed=seed, device=device, show_progress=False)
+    # Scored as the uint8 levels the shard (and samples.npz) holds: ADM's evaluator scores those images.
+    shard = Shard(to_uint8_nhwc(part.images_N3HW), label_B.numpy(), None, None, None, part.seconds,
+                  part.token_seconds, part.transformer_rows_per_image)
+    return with_features(shard, net, device)
+
+
+def with_features(shard: Shard, net: FeatureNet, device) -> Shard:
+    o = net.outputs(torch.from_numpy(shard.images_NHW3), device)
+    shard.features_ND = o.features_ND.numpy()
+    shard.score_probs_NK = None if o.score_probs_NK is None else o.score_probs_NK.numpy()
+    shard.predicted_N = None if o.predicted_N is None else o.predicted_N.numpy()
+    return shard
+
+
+def gather_outputs(paths: list[Path], fps: tuple[str, str], args: EvalSettings) -> tuple[NetOutputs, dict]:
+    """The feature network's outputs of every shard (no images) and the timings they record."""
+    shards = [read_shard(p, *fps, count=min(args.batch_size, args.num_samples - i * args.batch_size))[0]
+              for i, p in enumerate(paths)]
+    cat = (lambda xs: None if xs[0] is None else torch.from_numpy(np.concatenate(xs)))
+    o = NetOutputs(cat([s.features_ND for s in shards]), cat([s.score_probs_NK for s in shards]),
+                   cat([s.predicted_N for s in shards]))
+    timing = {"seconds": sum(s.seconds for s in shards), "token_seconds": sum(s.token_seconds for s in shards),
+              "rows": shards[0].transformer_rows_per_image}
+    return o, timing
 
 
 def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference | None = None,
              accelerator: Accelerator | None = None) -> dict:
-    """Sample args.num_samples class-balanced images, score them, write samples.npz, grid.png, metrics.json."""
+    """Sample args.num_samples class-balanced images into shards, score them, write samples.npz, grid.png and
+    metrics.json (written last: it lists the other two with their hashes, see write_outputs)."""
     args.check()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    vae, var, provenance = load_for_eval(args.ckpt, args.tokenizer, args.official_vae, args.depth, args.num_classes)
+    device, out_dir = accelerator.device, Path(args.out_dir)
+    vae, var, provenance = load_for_eval(args.ckpt, args.tokenizer, args.official_vae, args.depth, args.num_classes,
+                                         args.allow_other_tokenizer)
     vae, var = vae.to(device), var.to(device)
-    sampling = args.sampling()
+    sampling = args.sampling(var.num_classes)
+    data = recorded_data(args.ckpt)
     if net is None or ref is None:
-        net, ref = feature_backend(args, vae.resolution, device, recorded_data(args.ckpt))
+        net, ref = feature_backend(args, vae.resolution, device, data)
+    fps = (fingerprint({"checkpoint": provenance, "sampling": sampling.__dict__, "seed": args.seed,
+                        "batch_size": args.batch_size}),
+           fingerprint({"network": net.name, "weights": net.weights_sha256}))
+    with contextlib.ExitStack() as held:
+        if accelerator.is_main_process:
+            held.enter_context(run_dir_lock(out_dir))
+            (out_dir / "metrics.json").unlink(missing_ok=True)  # outputs in progress: never beside old metrics
+        accelerator.wait_for_everyone()
+        paths = sample_shards(args, (vae, var), sampling, net, fps, accelerator)
+        record = eval_record(args, sampling, var, provenance, net, ref)
+        if accelerator.is_main_process:
+            o, timing = gather_outputs(paths, fps, args)
+            labels_N = balanced_labels(args.num_samples, var.num_classes)
+            metrics = score(o, labels_N, net, ref, device, var.num_classes)
+            metrics["images_per_s"] = args.num_samples * accelerator.num_processes / timing["seconds"]
+            metrics["token_images_per_s"] = args.num_samples * accelerator.num_processes / timing["token_seconds"]
+            metrics["transformer_passes_per_image"] = timing["rows"] * len(var.patch_nums)
+            record["metrics"] = metrics
+            write_outputs(out_dir, paths, labels_N.numpy(), record, class_names(data, var.num_classes))
+            if not args.keep_shards:  # samples.npz holds them now; keeping both would double the disk used
+                shutil.rmtree(shard_dir(out_dir))
+            log.info("%s", json.dumps(metrics))
+            log.info("feature space: %s", net.description)
+        accelerator.wait_for_everyone()
+    return record
 
-    labels_N = balanced_labels(args.num_samples, var.num_classes)
-    batches = list(range(0, args.num_samples, args.batch_size))
-    with accelerator.split_between_processes(batches) as mine:
-        parts = []
-        for start in mine:
-            part = sample_set(var, vae, sampling, labels_N[start:start + args.batch_size], args.batch_size,
-                              seed=args.seed * 1_000_003 + start, device=device, show_progress=False)
-            parts.append((start, part))
-    parts = sorted(gather_object(parts), key=lambda p: p[0])
-    # Quantised to the uint8 levels samples.npz holds before any scoring: ADM's evaluator scores those images, and
-    # the numbers here must be the numbers of the saved file.
-    samples = SampleSet(torch.cat([from_uint8_nhwc(to_uint8_nhwc(p.images_N3HW)) for _, p in parts]), labels_N,
-                        sum(p.seconds for _, p in parts) / accelerator.num_processes,
-                        parts[0][1].transformer_rows_per_image,
-                        sum(p.token_seconds for _, p in parts) / accelerator.num_processes)
-    record = {
-        "settings": {**args.to_dict(), "sampling": sampling.__dict__},
+
+def eval_record(args: EvalSettings, sampling, var, provenance: dict, net: FeatureNet, ref: Reference) -> dict:
+    """What metrics.json says of a run: the settings as they were used (the model's own class count; the CFG
+    scale only when sampling was guided), hashes and the code version."""
+    settings = {**args.to_dict(), "num_classes": var.num_classes, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    used = dict(sampling.__dict__)
+    if sampling.guidance == "none":
+        for key in ("cfg_scale", "cfg_schedule"):
+            settings.pop(key)
+            used.pop(key)
+    return {
+        "settings": {**settings, "sampling": used},
         "num_samples": args.num_samples,
         "seed": args.seed,
         "checkpoint": provenance,
@@ -100,15 +169,36 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
         "code_version": code_version(),
         "metrics": {},
     }
-    if accelerator.is_main_process:
-        metrics = score(samples, net, ref, device, var.num_classes)
-        metrics["images_per_s"] = args.num_samples / samples.seconds
-        metrics["token_images_per_s"] = args.num_samples / samples.token_seconds  # without the decoder
-        metrics["transformer_passes_per_image"] = samples.transformer_rows_per_image * len(var.patch_nums)
-        record["metrics"] = metrics
-        save_outputs(Path(args.out_dir), samples, record, var.num_classes)
-        log.info("%s", json.dumps(metrics))
-        log.info("feature space: %s", net.description)
+
+
+def write_outputs(out_dir: Path, paths: list[Path], labels_N: np.ndarray, record: dict, names: list[str],
+                  grid_classes: int = 16, per_class: int = 8) -> None:
+    """samples.npz and grid.png, then metrics.json naming both with their sizes and hashes: the manifest is
+    written last, so a run that dies half-way leaves no metrics.json describing other files (read_outputs)."""
+    stream_samples_npz(out_dir / "samples.npz", paths, labels_N)
+    classes = list(range(min(grid_classes, len(names))))
+    picks = images_of_classes(paths, classes, per_class)
+    save_png(labelled_grid([picks[c] for c in classes], [names[c] for c in classes]), out_dir / "grid.png")
+    record["files"] = {name: {"bytes": (out_dir / name).stat().st_size, "sha256": file_sha256(out_dir / name)}
+                       for name in ("samples.npz", "grid.png")}
+    write_text_atomic(out_dir / "metrics.json", json.dumps(record, indent=2))
+
+
+def read_outputs(out_dir: Path) -> dict:
+    """metrics.json of a finished evaluation, checked against the files it lists (a missing or changed
+    samples.npz or grid.png is an error naming it)."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        raise SettingsError(f"{out_dir} holds no finished evaluation (no metrics.json)")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"{path} is not valid JSON ({e})") from e
+    for name, want in record.get("files", {}).items():
+        f = out_dir / name
+        if not f.is_file() or f.stat().st_size != want["bytes"] or file_sha256(f) != want["sha256"]:
+            raise SettingsError(f"{f} is not the file {path} describes (missing or changed since); rerun the "
+                                "evaluation")
     return record
 
 

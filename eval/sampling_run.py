@@ -6,6 +6,8 @@ size see the same classes and the same random streams (a fair side-by-side grid)
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import subprocess
 import time
 from dataclasses import dataclass
@@ -15,13 +17,16 @@ import torch
 from tqdm import tqdm
 
 from eval.settings import SettingsError
-from tokenizer.model import VQVAE
-from var_mclr.checkpoints import CheckpointError, is_official_checkpoint, load_model, load_official, read_model_info
+from tokenizer.model import VQVAE, VQVAEConfig
+from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_model, load_official_var,
+                                  load_tokenizer, read_model_info, weights_sha256)
+from var_mclr.hub import local_path
 from var_mclr.files import file_sha256
 from var_mclr.model import VAR
 from var_mclr.sampling import SamplingConfig, sample_tokens
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def code_version() -> str:
@@ -34,26 +39,88 @@ def code_version() -> str:
 
 
 def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | None = None,
-                  depth: int | None = None, num_classes: int = 1000) -> tuple[VQVAE, VAR, dict]:
-    """Our safetensors VAR (tokenizer from --tokenizer or the one its training run recorded), or an official pair."""
+                  depth: int | None = None, num_classes: int | None = None,
+                  allow_other_tokenizer: bool = False) -> tuple[VQVAE, VAR, dict]:
+    """The tokenizer and VAR to evaluate, checked to belong together before any sampling.
+
+    ckpt: our VAR .safetensors (tokenizer: --tokenizer, else the one its training recorded, an official .pth or
+    ours), or an official var_d*.pth (tokenizer: --tokenizer or --official-vae; architecture read off the file). A
+    tokenizer other than the one the VAR was trained with (by weight hash) is refused unless allow_other_tokenizer,
+    and then recorded; one that does not fit the VAR (vocabulary, latent width, patch schedule) is always refused."""
     if is_official_checkpoint(ckpt):
-        if official_vae is None or depth is None:
-            raise SettingsError("an official var_d*.pth needs --official-vae and --depth")
-        vae, var = load_official(official_vae, ckpt, depth, num_classes=num_classes)
-        provenance = {"var": ckpt, "var_sha256": file_sha256(ckpt), "vae": official_vae,
-                      "vae_sha256": file_sha256(official_vae)}
-        return vae, var.eval(), provenance
-    if tokenizer is None:
-        recorded = read_model_info(ckpt).get("source_config", {}).get("tokenizer", {}).get("checkpoint")
-        if recorded is None:
+        vae_path = tokenizer or official_vae
+        if vae_path is None:
+            raise SettingsError(f"{ckpt} is an official VAR: name its tokenizer with --tokenizer (e.g. "
+                                "vae_ch160v4096z32.pth or hf://FoundationVision/var/vae_ch160v4096z32.pth)")
+        vae = load_tokenizer(vae_path)
+        var = load_official_var(ckpt, vae=vae)
+        _check_asked(ckpt, var, depth, num_classes)
+        recorded = None
+    else:
+        var = load_model(ckpt)
+        if not isinstance(var, VAR):
+            raise CheckpointError(f"{ckpt} holds a {type(var).__name__}, not a VAR")
+        recorded = _recorded_tokenizer(ckpt)
+        vae_path = tokenizer or official_vae or recorded.get("checkpoint")
+        if vae_path is None:
             raise SettingsError(f"{ckpt} records no tokenizer; pass --tokenizer")
-        tokenizer = recorded
-    vae = load_model(tokenizer)
-    var = load_model(ckpt)
-    if not isinstance(vae, VQVAE) or not isinstance(var, VAR):
-        raise CheckpointError(f"expected a tokenizer and a VAR, got {type(vae).__name__} and {type(var).__name__}")
-    provenance = {"var": ckpt, "var_sha256": file_sha256(ckpt), "vae": tokenizer, "vae_sha256": file_sha256(tokenizer)}
+        vae = load_tokenizer(vae_path, _declared_tokenizer(recorded) if is_official_checkpoint(vae_path) else None)
+    check_tokenizer_fits(vae, var, vae_path, ckpt)
+    provenance = {"var": ckpt, "var_sha256": file_sha256(local_path(ckpt)), "vae": vae_path,
+                  "vae_weights_sha256": weights_sha256(vae)}
+    if recorded is not None:
+        provenance.update(_tokenizer_identity(vae, vae_path, recorded, ckpt, allow_other_tokenizer))
     return vae.eval(), var.eval(), provenance
+
+
+def _check_asked(ckpt: str, var: VAR, depth: int | None, num_classes: int | None) -> None:
+    for flag, asked, found in (("--depth", depth, var.cfg.depth), ("--num-classes", num_classes, var.num_classes)):
+        if asked is not None and asked != found:
+            raise SettingsError(f"{flag} {asked}: {ckpt} holds a VAR with {found}")
+
+
+def _recorded_tokenizer(ckpt: str) -> dict:
+    """The tokenizer record of our VAR's model.json (older runs: the path in their config, with no hash)."""
+    info = read_model_info(ckpt)
+    if "tokenizer" in info:
+        return info["tokenizer"]
+    section = info.get("source_config", {}).get("tokenizer", {})
+    return {"checkpoint": section.get("checkpoint"), "config": section}
+
+
+def _declared_tokenizer(recorded: dict) -> VQVAEConfig | None:
+    """The architecture an official-layout tokenizer file was trained as (its file holds no hyperparameters)."""
+    section = recorded.get("config") or {}
+    known = {f.name for f in dataclasses.fields(VQVAEConfig)}
+    return VQVAEConfig(**{k: v for k, v in section.items() if k in known}) if section else None
+
+
+def check_tokenizer_fits(vae: VQVAE, var: VAR, vae_path: str, ckpt: str) -> None:
+    """One line naming both files when the tokenizer cannot decode the VAR's tokens."""
+    wants = {"vocabulary": var.cfg.vocab_size, "latent channels (Cvae)": var.cfg.Cvae,
+             "patch_nums": tuple(var.patch_nums)}
+    has = {"vocabulary": vae.V, "latent channels (Cvae)": vae.Cvae, "patch_nums": tuple(vae.patch_nums)}
+    diffs = [f"{k} {has[k]} vs {wants[k]}" for k in wants if has[k] != wants[k]]
+    if diffs:
+        raise SettingsError(f"tokenizer {vae_path} does not fit the VAR {ckpt}: " + "; ".join(diffs))
+
+
+def _tokenizer_identity(vae: VQVAE, vae_path: str, recorded: dict, ckpt: str, allow_other: bool) -> dict:
+    """Whether vae is the tokenizer the VAR was trained with, by weight hash; a different one only when allowed."""
+    want, got = recorded.get("weights_sha256"), weights_sha256(vae)
+    if want is None:
+        log.warning("%s records no tokenizer hash (trained before they were recorded): cannot check that %s is "
+                    "the tokenizer it was trained with", ckpt, vae_path)
+        return {"tokenizer_check": "unrecorded"}
+    if want == got:
+        return {"tokenizer_check": "same as in training"}
+    if not allow_other:
+        raise SettingsError(f"tokenizer {vae_path} (weights {got[:12]}) is not the one {ckpt} was trained with "
+                            f"({recorded.get('checkpoint')}, weights {want[:12]}); pass --allow-other-tokenizer "
+                            "to decode with it anyway")
+    log.warning("decoding with %s, not the tokenizer %s was trained with (--allow-other-tokenizer)", vae_path, ckpt)
+    return {"tokenizer_check": "OTHER than in training (--allow-other-tokenizer)",
+            "trained_with_vae": recorded.get("checkpoint"), "trained_with_vae_weights_sha256": want}
 
 
 @dataclass

@@ -10,6 +10,9 @@ from eval.features import FEATURE_NETWORKS, OWN_DATA_NETWORKS
 from var_mclr.errors import UserError, add_debug_flag
 from var_mclr.sampling import SCHEDULES, SamplingConfig
 
+# VAR's FID sampling settings for ImageNet 256 (FoundationVision/VAR README: top_k=900, top_p=0.96, cfg=1.5).
+VAR_FID_CLASSES, VAR_FID_TOP_K, VAR_FID_TOP_P = 1000, 900, 0.96
+
 
 class SettingsError(UserError, ValueError):
     pass
@@ -20,13 +23,14 @@ class EvalSettings:
     ckpt: str | None = None  # our VAR .safetensors, or an official var_d*.pth
     tokenizer: str | None = None  # tokenizer .safetensors (default: the one the VAR was trained with)
     official_vae: str | None = None  # official vae_ch160v4096z32.pth (with an official ckpt)
-    depth: int | None = None  # VAR depth of an official ckpt
-    num_classes: int = 1000  # classes of an official ckpt
+    depth: int | None = None  # checked against an official ckpt's depth (read off the file)
+    num_classes: int | None = None  # checked against an official ckpt's class count (read off the file)
+    allow_other_tokenizer: bool = False  # decode with a tokenizer other than the one the VAR was trained with
     guidance: str = "none"  # none | cfg
     cfg_scale: float = 1.5
     cfg_schedule: str = "linear"
-    top_k: int = 0
-    top_p: float = 0.0
+    top_k: int | None = None  # None: VAR's FID protocol (900) for 1000-class models, off (0) otherwise
+    top_p: float | None = None  # None: VAR's FID protocol (0.96) for 1000-class models, off (0) otherwise
     mixed_precision: str = "no"  # no | bf16: the transformer under bf16 autocast while sampling
     num_samples: int = 5000
     batch_size: int = 500
@@ -38,10 +42,16 @@ class EvalSettings:
     class_map: str | None = None  # JSON list: the generator label of each Inception output (class accuracy)
     cache_dir: str = "runs/cache"  # where the embedded eval classifier is cached
     out_dir: str = "runs/eval/latest"
+    keep_shards: bool = False  # keep OUT/shards/ after samples.npz is assembled (they hold the same images)
 
-    def sampling(self) -> SamplingConfig:
+    def sampling(self, num_classes: int) -> SamplingConfig:
+        """The sampler's settings for a model of num_classes classes: unset top-k / top-p follow VAR's FID protocol
+        (top-k 900, top-p 0.96) for ImageNet's 1000 classes and are off otherwise (the small models here)."""
+        imagenet = num_classes == VAR_FID_CLASSES
+        top_k = self.top_k if self.top_k is not None else (VAR_FID_TOP_K if imagenet else 0)
+        top_p = self.top_p if self.top_p is not None else (VAR_FID_TOP_P if imagenet else 0.0)
         return SamplingConfig(guidance=self.guidance, cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule,
-                              top_k=self.top_k, top_p=self.top_p, mixed_precision=self.mixed_precision)
+                              top_k=top_k, top_p=top_p, mixed_precision=self.mixed_precision)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -49,11 +59,12 @@ class EvalSettings:
     def check(self) -> None:
         """Refuse, by flag, settings that would fail deep inside torch or score meaningless samples."""
         problems = [f"{flag} = {value!r} is out of range: must be {allowed}" for flag, value, ok, allowed in (
-            ("--num-samples", self.num_samples, self.num_samples > 0, "an integer > 0"),
+            ("--num-samples", self.num_samples, self.num_samples >= 4,
+             "an integer >= 4 (a covariance and precision/recall's 3 nearest neighbours need more than 3)"),
             ("--batch-size", self.batch_size, self.batch_size > 0, "an integer > 0"),
             ("--cfg-scale", self.cfg_scale, math.isfinite(self.cfg_scale), "a finite number"),
-            ("--top-k", self.top_k, self.top_k >= 0, "an integer >= 0 (0: off)"),
-            ("--top-p", self.top_p, 0 <= self.top_p <= 1, "in [0, 1] (0: off)"),
+            ("--top-k", self.top_k, self.top_k is None or self.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("--top-p", self.top_p, self.top_p is None or 0 <= self.top_p <= 1, "in [0, 1] (0: off)"),
         ) if not ok]
         # Only the inception and dinov2 features read a reference file; the mnist features compare with the embedded
         # training digits, so a reference given with them would be silently ignored.
@@ -73,15 +84,19 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     if with_ckpt:
         p.add_argument("--ckpt", help="our VAR .safetensors, or an official var_d*.pth (eval/fid.py without it: the "
                                        "embedded demo's newest MCLR model)")
-    p.add_argument("--tokenizer", help="tokenizer .safetensors (default: the one the VAR was trained with)")
-    p.add_argument("--official-vae", help="official vae_ch160v4096z32.pth (with an official --ckpt)")
-    p.add_argument("--depth", type=int, help="VAR depth of an official --ckpt")
-    p.add_argument("--num-classes", type=int, default=d.num_classes, help="classes of an official --ckpt")
+    p.add_argument("--tokenizer", help="tokenizer .safetensors or official .pth, a path or hf://OWNER/REPO/FILE "
+                                        "(default: the one the VAR was trained with)")
+    p.add_argument("--official-vae", help="same as --tokenizer (kept for older commands)")
+    p.add_argument("--allow-other-tokenizer", action="store_true",
+                   help="decode with a --tokenizer whose weights differ from the one the VAR was trained with "
+                        "(recorded in metrics.json)")
+    p.add_argument("--depth", type=int, help="checked against an official --ckpt (its depth is read off the file)")
+    p.add_argument("--num-classes", type=int, help="checked against an official --ckpt (read off the file)")
     p.add_argument("--guidance", choices=("none", "cfg"), default=d.guidance)
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale)
     p.add_argument("--cfg-schedule", choices=SCHEDULES, default=d.cfg_schedule)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, help="default: 900 (VAR's FID protocol) for 1000-class models, else 0 (off)")
+    p.add_argument("--top-p", type=float, help="default: 0.96 (VAR's FID protocol) for 1000-class models, else 0 (off)")
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default=d.mixed_precision,
                    help="bf16: run the transformer under bf16 autocast while sampling (GPU speed)")
     p.add_argument("--num-samples", type=int, default=d.num_samples)
@@ -97,7 +112,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     p.add_argument("--class-map", help="JSON list, one entry per Inception output: the generator label it stands for "
                    "(or null); needed for class accuracy with the 1008-class TF FID weights")
     p.add_argument("--cache-dir", default=d.cache_dir, help="where the embedded eval classifier is cached")
-    p.add_argument("--out-dir", default=d.out_dir)
+    p.add_argument("--out-dir", default=d.out_dir, help="samples.npz, grid.png, metrics.json; shards/ while "
+                                                         "sampling (a rerun continues from them)")
+    p.add_argument("--keep-shards", action="store_true", help="keep OUT/shards/ after samples.npz is written")
     return add_debug_flag(p)
 
 

@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_vae, tiny_var
 from tokenizer import VQVAE, VQVAEConfig
-from var_mclr.checkpoints import (CheckpointError, load_model, load_official, read_model_info, save_model)
+from var_mclr.checkpoints import (CheckpointError, load_model, load_official, load_official_vae, read_model_info,
+                                  save_model)
 from var_mclr.model import VAR, VARConfig
 
 
@@ -59,7 +60,7 @@ def test_official_d16_shapes_load(tmp_path):
 
 def test_wrong_depth_is_named(tmp_path):
     _, _, vae_path, var_path = tiny_official(tmp_path, depth=2)
-    with pytest.raises(CheckpointError, match="depth 2 .* depth=3 was asked for"):
+    with pytest.raises(CheckpointError, match="depth=2 but depth=3 was asked for"):
         load_official(vae_path, var_path, depth=3, vae_cfg=tiny_vae().cfg, num_classes=5)
 
 
@@ -73,8 +74,19 @@ def test_missing_unexpected_and_misshaped_keys_are_all_named(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_official(vae_path, tmp_path / "bad.pth", depth=2, vae_cfg=vae.cfg, num_classes=5)
     msg = str(err.value)
-    assert "1 missing: head.bias" in msg and "1 unexpected: mystery.weight" in msg
+    assert "1 missing (head.bias)" in msg and "1 unexpected (mystery.weight)" in msg
     assert "pos_start: checkpoint (1, 2, 128) vs model (1, 1, 128)" in msg
+
+
+def test_a_wrong_file_is_summarised_in_one_short_line(tmp_path):
+    """A VAR's state dict given as the tokenizer disagrees on every key: counts and the first keys, not all."""
+    vae, var, _, var_path = tiny_official(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        load_official_vae(var_path, vae.cfg)
+    msg = str(err.value)
+    n_missing = len(vae.state_dict())
+    assert "\n" not in msg and len(msg) < 700, msg
+    assert f"{n_missing} missing (" in msg and ", ... (" in msg and "more)" in msg
 
 
 class NotAStateDict:

@@ -11,7 +11,6 @@ from conftest import tf_inception_layout_net, tiny_vae, tiny_var
 from eval.features import Reference, file_reference, inception_net, load_class_map, mnist_net
 from eval.fid import evaluate, score
 from eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
-from eval.sampling_run import SampleSet
 from eval.settings import EvalSettings
 from var_mclr.checkpoints import save_model
 
@@ -90,8 +89,8 @@ def test_metrics_are_those_of_the_saved_uint8_samples(tmp_path, eval_cache):
                                    out_dir=str(tmp_path / "out")), net, ref)
     z = np.load(tmp_path / "out" / "samples.npz")
     # Scoring the file afresh (uint8 in, as ADM's evaluator reads it) gives the recorded numbers exactly.
-    saved = SampleSet(torch.from_numpy(z["arr_0"]), torch.from_numpy(z["arr_1"]), 1.0, 1)
-    again = score(saved, net, ref, "cpu", num_classes=4)
+    again = score(net.outputs(torch.from_numpy(z["arr_0"]), "cpu"), torch.from_numpy(z["arr_1"]), net, ref, "cpu",
+                  num_classes=4)
     assert {k: record["metrics"][k] for k in again} == again
 
 
@@ -150,10 +149,9 @@ def test_inception_score_uses_unbiased_logits_and_tf_weights_give_no_class_accur
     assert out.predicted_N is None
     ok, note = net.class_accuracy_basis(1000)
     assert not ok and "not in ImageNet folder order" in note and "--class-map" in note
-    samples = SampleSet(images, torch.arange(6), 1.0, 1)
     ref = Reference(pool.mean(0), np.eye(2048), None, "test")
     monkeypatch.setattr("eval.fid.frechet_distance", lambda *stats: 0.0)  # a 2048-d sqrtm takes half a minute here
-    metrics = score(samples, net, ref, "cpu", 1000)
+    metrics = score(out, torch.arange(6), net, ref, "cpu", 1000)
     assert metrics["class_accuracy"] is None and metrics["inception_score"] == pytest.approx(hand_inception_score(
         pool @ w.T, splits=6), rel=1e-4)
 

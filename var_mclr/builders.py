@@ -8,8 +8,8 @@ import dataclasses
 import logging
 
 from tokenizer.model import VQVAE
-from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_model, load_official_vae,
-                                  load_official_var)
+from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_model, load_official_var,
+                                  load_tokenizer, weights_sha256)
 from var_mclr.config import Config, ConfigError, var_config, vqvae_config
 from var_mclr.model import VAR
 
@@ -32,13 +32,20 @@ def build_tokenizer(cfg: Config) -> VQVAE:
         raise ConfigError("tokenizer.checkpoint is not set: point it at vae_ch160v4096z32.pth or a tokenizer "
                          "trained with `python -m var_mclr.train_tokenizer`")
     declared = vqvae_config(cfg.tokenizer)
-    vae = load_official_vae(path, declared) if is_official_checkpoint(path) else load_model(path)
-    if not isinstance(vae, VQVAE):
-        raise CheckpointError(f"tokenizer.checkpoint {path} holds a {type(vae).__name__}, not a tokenizer")
+    try:
+        vae = load_tokenizer(path, declared)
+    except CheckpointError as e:
+        raise CheckpointError(f"tokenizer.checkpoint: {e}") from e
     _check_same_arch(declared, vae.cfg, f"tokenizer.checkpoint {path}", "tokenizer")
     if vae.resolution != cfg.data.resolution:
         raise ConfigError(f"the tokenizer works at {vae.resolution}px but data.resolution is {cfg.data.resolution}")
     return vae.eval().requires_grad_(False)
+
+
+def tokenizer_record(checkpoint: str, vae: VQVAE) -> dict:
+    """What a VAR's model.json says of its tokenizer: the file it was trained with and a hash of its weights, so an
+    evaluation can prove it decodes with the same one (eval/sampling_run.py)."""
+    return {"checkpoint": str(checkpoint), "weights_sha256": weights_sha256(vae), "config": vae.cfg.to_dict()}
 
 
 def build_var(cfg: Config, vae: VQVAE) -> VAR:

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from tokenizer.model import VQVAE, VQVAEConfig
 from var_mclr.errors import UserError
-from var_mclr.files import atomic_write
+from var_mclr.files import atomic_write, tensors_sha256
+from var_mclr.hub import is_hub_name, local_path
 from var_mclr.model import VAR, VARConfig
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def require_finite(state: dict[str, torch.Tensor], source: str) -> None:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A plain {name: tensor} state dict from a torch.save'd file, refusing arbitrary pickles."""
-    path = Path(path)
+    """A plain {name: tensor} state dict from a torch.save'd file (or hub name), refusing arbitrary pickles."""
+    path = Path(local_path(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -74,21 +75,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _summary(title: str, items: list[str], shown: int = 3) -> str:
+    more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
+    return f"{len(items)} {title} ({', '.join(items[:shown])}{more})"
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                      ignore_shape: tuple[str, ...] = ()) -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    """Raise CheckpointError counting the missing, unexpected and mis-shaped keys, naming the first few of each (a
+    wrong file can disagree on hundreds of keys; the message stays one line)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                  for k in sorted(set(state) & set(expected))
                  if state[k].shape != expected[k].shape and k not in ignore_shape]
-    problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            problems.append(f"{len(items)} {title}: " + ", ".join(items))
+    problems = [_summary(title, items) for title, items in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
     if problems:
-        raise CheckpointError(f"{source} does not match {type(model).__name__}:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
 
 
 def checkpoint_depth(state: dict[str, torch.Tensor]) -> int:
@@ -109,9 +114,32 @@ def load_official_vae(vae_path: str | os.PathLike, cfg: VQVAEConfig | None = Non
     return vae.eval().requires_grad_(False)
 
 
-def load_official_var(var_path: str | os.PathLike, cfg: VARConfig) -> VAR:
-    """A VAR of architecture cfg from an official-layout state dict; every disagreement is named."""
+def official_var_config(state: dict[str, torch.Tensor], vae: VQVAE) -> VARConfig:
+    """The architecture an official-layout VAR state dict holds, read off its tensors' shapes: width and class count
+    from class_emb, depth from the block keys, heads from attn_l2_norm's per-head scale, MLP ratio from fc1; the
+    vocabulary, latent width and patch schedule are the tokenizer's."""
+    emb = state.get("class_emb.weight")
+    if emb is None or emb.ndim != 2:
+        raise CheckpointError("the state dict has no class_emb.weight: not an official-layout VAR")
+    C, depth = emb.shape[1], checkpoint_depth(state)
+    scale = state.get("blocks.0.attn.scale_mul_1H11")
+    heads = scale.shape[1] if scale is not None else max(1, C // 64)  # VAR's rule without l2-norm: 64-wide heads
+    fc1 = state.get("blocks.0.ffn.fc1.weight")
+    return VARConfig(vocab_size=vae.V, Cvae=vae.Cvae, num_classes=emb.shape[0] - 1, depth=depth, embed_dim=C,
+                     num_heads=heads, mlp_ratio=(fc1.shape[0] / C) if fc1 is not None else 4.0,
+                     shared_aln=any(k.startswith("shared_ada_lin.") for k in state),
+                     attn_l2_norm=scale is not None, patch_nums=vae.patch_nums)
+
+
+def load_official_var(var_path: str | os.PathLike, cfg: VARConfig | None = None,
+                      vae: VQVAE | None = None) -> VAR:
+    """A VAR from an official-layout state dict: of architecture cfg when given (every disagreement is named), else
+    of the architecture the file holds (official_var_config, with vae's vocabulary and schedule)."""
     state = read_state_dict(var_path)
+    if cfg is None:
+        if vae is None:
+            raise ValueError("load_official_var needs cfg or the tokenizer vae")
+        cfg = official_var_config(state, vae)
     found = checkpoint_depth(state)
     if found != cfg.depth:
         raise CheckpointError(f"{var_path} holds a VAR of depth {found} ({found} blocks) "
@@ -123,15 +151,33 @@ def load_official_var(var_path: str | os.PathLike, cfg: VARConfig) -> VAR:
     return var
 
 
-def load_official(vae_path: str | os.PathLike, var_path: str | os.PathLike, depth: int,
-                  vae_cfg: VQVAEConfig | None = None, num_classes: int = 1000) -> tuple[VQVAE, VAR]:
-    """The released tokenizer and VAR-d{depth} (official layout: torch.save'd state dicts)."""
-    if depth not in OFFICIAL_DEPTHS:
+def load_official(vae_path: str | os.PathLike, var_path: str | os.PathLike, depth: int | None = None,
+                  vae_cfg: VQVAEConfig | None = None, num_classes: int | None = None) -> tuple[VQVAE, VAR]:
+    """The released tokenizer and VAR-d{depth} (official layout: torch.save'd state dicts). The VAR's architecture
+    is read off its file; depth and num_classes, when given, must agree with it."""
+    if depth is not None and depth not in OFFICIAL_DEPTHS:
         log.warning("depth %d is not one of the released depths %s", depth, OFFICIAL_DEPTHS)
     vae = load_official_vae(vae_path, vae_cfg)
-    cfg = VARConfig.official(depth, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=num_classes,
-                             patch_nums=vae.patch_nums)
-    return vae, load_official_var(var_path, cfg)
+    var = load_official_var(var_path, vae=vae)
+    for name, asked, found in (("depth", depth, var.cfg.depth), ("num_classes", num_classes, var.num_classes)):
+        if asked is not None and asked != found:
+            raise CheckpointError(f"{var_path} holds a VAR with {name}={found} but {name}={asked} was asked for")
+    return vae, var
+
+
+def load_tokenizer(path: str | os.PathLike, declared: VQVAEConfig | None = None) -> VQVAE:
+    """A tokenizer from an official-layout .pth (of architecture declared, default the released one) or our
+    safetensors (its own recorded architecture), frozen."""
+    vae = load_official_vae(path, declared) if is_official_checkpoint(path) else load_model(path)
+    if not isinstance(vae, VQVAE):
+        raise CheckpointError(f"{path} holds a {type(vae).__name__}, not a tokenizer")
+    return vae.eval().requires_grad_(False)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hash of a model's parameters: the same weights hash the same from a .pth or a .safetensors, and training
+    statistics held in buffers (the codebook-hit EMA) do not change it."""
+    return tensors_sha256(dict(model.named_parameters()))
 
 
 # ---- the project's own checkpoints ------------------------------------------------------------------------
@@ -140,6 +186,15 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     return path, path.with_suffix(".json")
+
+
+def _local_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """_paths of a local checkpoint; for a hub name, the cached weights file (its hyperparameters are embedded)."""
+    if not is_hub_name(path):
+        return _paths(path)
+    name = str(path)
+    weights = Path(local_path(name if name.endswith(".safetensors") else name + ".safetensors"))
+    return weights, weights.with_suffix(".json")
 
 
 # The hyperparameters travel inside the weights file (safetensors metadata), so the two are written as one unit by
@@ -177,7 +232,7 @@ def embedded_info(weights: Path) -> dict | None:
 def read_model_info(path: str | os.PathLike) -> dict:
     """The hyperparameters of a model saved by save_model: those embedded in the weights file (written with it, so
     never out of step), else, for files written before they were embedded, the JSON file beside it."""
-    weights, meta = _paths(path)
+    weights, meta = _local_paths(path)
     if not weights.is_file():
         raise CheckpointError(f"checkpoint not found: {weights}")
     info = embedded_info(weights)
@@ -209,7 +264,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(path: str | os.PathLike) -> VQVAE | VAR:
     """Rebuild a model saved by save_model."""
-    weights, _ = _paths(path)
+    weights, _ = _local_paths(path)
     info = read_model_info(path)
     if info.get("kind") == "vqvae":
         model = VQVAE(VQVAEConfig(**info["config"]))
