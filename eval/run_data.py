@@ -7,9 +7,12 @@ view (centre crop, no flip), the view a token cache holds: the training split as
 - split_images: the held-out split ("val": MNIST's, an image folder's val/ or its data.heldout_share slice), or for
   a folder with neither a class-stratified slice of the training split (said so in the returned description);
   "train" for the statistics on training pairs.
-- own_classifier_net: the feature network for any labelled data, a small CNN (eval/networks/mnist_cnn.py's recipe)
-  trained once on the run's own training split and cached by a hash of the data and the recipe, with its held-out
-  accuracy. On MNIST it is the shipped, pinned MNIST network, so the demo's numbers do not move.
+- own_classifier_net: the feature network for any labelled data, a small CNN (eval/networks/mnist_cnn.py) trained
+  once on the run's own training split until its accuracy on a slice of that split stops improving, with random
+  shifts (and flips where data.hflip says they keep the class), cached by a hash of the data and the recipe, with
+  its accuracy on the held-out split. Below EVALUATOR_MIN_ACCURACY its description, which every metrics.json
+  records, says it is too weak to judge. On MNIST it is the shipped, pinned MNIST network, so the demo's numbers do
+  not move.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from pathlib import Path
 import torch
 
 from eval.features import FeatureNet, mnist_net
-from eval.networks.mnist_cnn import load_or_train_classifier, train_classifier
+from eval.networks.mnist_cnn import (evaluate_accuracy, load_or_train_classifier,
+                                     train_classifier_until_plateau)
 from var_mclr.checkpoints import is_official_checkpoint, read_model_info
 from var_mclr.data import build_dataset, dataset_args, dataset_tensors, spread_indices
 from var_mclr.errors import UserError
@@ -32,9 +36,13 @@ from var_mclr.tokens import dataset_fingerprint
 
 log = logging.getLogger(__name__)
 
-CLASSIFIER_FORMAT = "var-mclr/own-data-cnn/v1"  # bump when the recipe changes, so cached networks retrain
+CLASSIFIER_FORMAT = "var-mclr/own-data-cnn/v2"  # bump when the recipe changes, so cached networks retrain
+# Below this held-out accuracy every description of the own-data network (metrics.json, tables) says it is too weak
+# to judge (docs/method.md, "Checks between stages").
+EVALUATOR_MIN_ACCURACY = 0.9
+STOP_SHARE = 0.1  # of every training class: the images that decide when the classifier stops
 FALLBACK_HELDOUT_SHARE = 0.1  # of every class, when an image folder has no val/ split
-CLASSIFIER_MIN_STEPS = 200  # a tiny folder still gets enough optimiser steps (8 epochs of MNIST: 568 steps)
+CLASSIFIER_MIN_STEPS = 200  # a tiny folder still gets enough optimiser steps before early stopping may end it
 
 
 class DataSpecError(UserError, ValueError):
@@ -47,7 +55,14 @@ def recorded_data(ckpt: str) -> dict | None:
     if is_official_checkpoint(ckpt):
         return None
     section = read_model_info(ckpt).get("source_config", {}).get("data")
-    return dataset_args(section) if section else None
+    return data_of_section(section) if section else None
+
+
+def data_of_section(section: dict) -> dict:
+    """build_dataset's arguments for a config's data section, as the evaluation reads them."""
+    # data.hflip (mirror images keep the class) tells the own-data classifier which augmentations it may use;
+    # named only when set, so a run without flips keeps its classifier's cache key.
+    return {**dataset_args(section), **({"hflip": True} if section.get("hflip") else {})}
 
 
 def _has_heldout(data: dict) -> bool:
@@ -92,6 +107,36 @@ def _classifier_data(data: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return x, y, xh, yh, source, h.hexdigest()[:16]
 
 
+def _stop_split(y_N: torch.Tensor, share: float = STOP_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, stop indices): the last `share` of every class (at least one image) decides when the
+    classifier stops, so the held-out split that its accuracy is reported on never chose anything."""
+    stop = []
+    for c in y_N.unique():
+        members = (y_N == c).nonzero().flatten()
+        stop.append(members[-max(1, math.ceil(share * len(members))):])
+    stop_N = torch.cat(stop)
+    keep = torch.ones(len(y_N), dtype=torch.bool)
+    keep[stop_N] = False
+    return keep.nonzero().flatten(), stop_N
+
+
+def _train_own_classifier(x, y, xh, yh, num_classes: int, resolution: int, hflip: bool, seed: int):
+    fit, stop = _stop_split(y)
+    # shifts of up to 1/8 of the image (2 px at 16 px); mirror images only where the data says they keep the class
+    net = train_classifier_until_plateau(x[fit], y[fit], x[stop], y[stop], num_classes, seed=seed,
+                                         min_steps=CLASSIFIER_MIN_STEPS, max_shift=max(1, resolution // 8),
+                                         hflip=hflip)
+    return net, evaluate_accuracy(net, xh, yh)
+
+
+def weakness_note(acc: float) -> str:
+    """The warning every description of a too-weak own-data network carries ("" when it is strong enough)."""
+    if acc >= EVALUATOR_MIN_ACCURACY:
+        return ""
+    return (f" WARNING: held-out accuracy {acc:.4f} < {EVALUATOR_MIN_ACCURACY:g}: the feature network is too weak for "
+            "its FID and class accuracy to mean much (docs/method.md, \"Checks between stages\").")
+
+
 def own_classifier_net(data: dict, cache_dir: Path, seed: int = 0) -> tuple[FeatureNet, float]:
     """The eval classifier of the run's own data (see the module docstring) and its held-out accuracy."""
     if data["name"] == "mnist":
@@ -101,20 +146,19 @@ def own_classifier_net(data: dict, cache_dir: Path, seed: int = 0) -> tuple[Feat
     if int(y.max()) >= num_classes:
         raise DataSpecError(f"the data holds labels up to {int(y.max())} but data.num_classes is {num_classes}")
     resolution = int(data["resolution"])
-    batch_size = 64
-    steps_per_epoch = math.ceil(len(y) / batch_size)
-    epochs = max(8, math.ceil(CLASSIFIER_MIN_STEPS / steps_per_epoch))
     want = {"format": CLASSIFIER_FORMAT, "seed": str(seed), "resolution": str(resolution), "data": data_hash,
             "spec": json.dumps(data, sort_keys=True)}
     name = data["name"] if data["name"] != "imagefolder" else Path(data["root"]).name or "folder"
     path = Path(cache_dir) / f"classifier-{name}-{resolution}px-{data_hash}.safetensors"
-    net, acc = load_or_train_classifier(str(path), want, lambda: train_classifier(
-        x, y, xh, yh, num_classes, seed=seed, epochs=epochs, batch_size=batch_size,
-        max_shift=max(1, round(2 * resolution / 32)), pad_value=None))
+    net, acc = load_or_train_classifier(str(path), want, lambda: _train_own_classifier(
+        x, y, xh, yh, num_classes, resolution, bool(data.get("hflip", False)), seed))
     log.info("own-data classifier %s: held-out accuracy %.4f on %d images (%s)", path, acc, len(yh), source)
+    weak = weakness_note(acc)
+    if weak:
+        log.warning("own-data classifier:%s", weak)
     desc = (f"small CNN trained on this run's own training split ({data.get('root', data['name'])}, {len(y)} images "
             f"at {resolution}px, cached {path.name}), held-out accuracy {acc:.4f} on {source}; FID here is in its "
-            f"{net.feat_dim}-d penultimate features, NOT Inception FID")
+            f"{net.feat_dim}-d penultimate features, NOT Inception FID.{weak}")
 
     def embed(x_N3HW):
         f = net.features(x_N3HW)
@@ -123,4 +167,4 @@ def own_classifier_net(data: dict, cache_dir: Path, seed: int = 0) -> tuple[Feat
 
     return FeatureNet("own-data-cnn", desc, tensors_sha256(net.state_dict()), net.feat_dim, embed,
                       class_map=torch.arange(num_classes), class_count=num_classes,
-                      class_note="the classifier's outputs are this run's own class labels", heldout_accuracy=acc), acc
+                      class_note="the classifier's outputs are this run's own class labels" + weak, heldout_accuracy=acc), acc

@@ -24,6 +24,7 @@ Ends with the comparison table (mean and spread over seeds) and the paths of the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,8 +33,12 @@ import statistics
 from pathlib import Path
 
 from eval.compare import COLUMNS, compare
+from eval.run_data import data_of_section
+from eval.sampling_run import load_for_eval
 from eval.settings import EvalSettings
-from var_mclr.checkpoints import is_complete_result
+from eval.stage_checks import (base_problem, base_report, checks_block, evaluator_problem, tokenizer_problem,
+                               tokenizer_report)
+from var_mclr.checkpoints import is_complete_result, load_model
 from var_mclr.config import Config, load_config
 from var_mclr.data import check_split_classes, class_dirs
 from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
@@ -73,6 +78,60 @@ class PipelineError(UserError, ValueError):
     pass
 
 
+class PipelineStop(PipelineError):
+    """A check between stages failed (docs/method.md, "Checks between stages"): the later stages would measure
+    nothing, so none of them runs; the message says what to change."""
+
+
+REPORT_VERSION = 1  # of the check reports cached in the stage directories; bump when what they hold changes
+
+
+def cached_report(path: Path, compute) -> dict:
+    """A stage's check report: read back from path, or computed and written there (the stage is cached, and so is
+    what was measured of it)."""
+    if path.is_file():
+        report = json.loads(path.read_text())
+        if report.get("version") == REPORT_VERSION:
+            return report
+    report = {**compute(), "version": REPORT_VERSION}
+    write_text_atomic(path, json.dumps(report, indent=2))
+    return report
+
+
+def check(problem: str | None, enforce: bool) -> None:
+    if problem is None:
+        return
+    if enforce:
+        raise PipelineStop(problem)
+    log.warning("check failed, going on (--skip-checks): %s", problem)
+
+
+def check_tokenizer(cfg: Config, tok: Path, root: Path, enforce: bool) -> dict:
+    """The tokenizer's report (eval/stage_checks.py), written beside it; stops when its reconstructions lose the
+    classes."""
+    report = cached_report(tok.parent / "tokenizer_report.json", lambda: tokenizer_report(
+        load_model(tok), data_of_section(dataclasses.asdict(cfg.data)), root / "cache"))
+    log.info("tokenizer check: %s", json.dumps({k: v for k, v in report.items() if k != "version"}))
+    weak = evaluator_problem(report["evaluator_heldout_accuracy"])
+    if weak:
+        log.warning("%s", weak)
+    check(tokenizer_problem(report), enforce)
+    return report
+
+
+def check_base(cfg: Config, pre: Path, enforce: bool) -> dict:
+    """The base's separation of held-out images, written beside it; stops when it is near chance."""
+    def compute():
+        vae, var, _ = load_for_eval(str(pre))
+        return base_report(var, vae, data_of_section(dataclasses.asdict(cfg.data)))
+
+    report = cached_report(pre.parent / "base_report.json", compute)
+    log.info("base check: implicit-classifier accuracy %.4f (chance %.4f), mean log-ratio %.4f nats/token",
+             report["implicit_classifier_accuracy"], report["chance"], report["mean_log_ratio_per_token"])
+    check(base_problem(report), enforce)
+    return report
+
+
 def config_hash(cfg: Config) -> str:
     tree = cfg.to_dict()
     tree["run"] = {k: v for k, v in tree["run"].items() if k != "out_dir"}
@@ -97,15 +156,22 @@ def run_stage(cfg: Config, result: Path, fn) -> Path:
 
 
 def pipeline(root: Path, seed: int, extra: list[str], finetunes: list[tuple[str, str, list[str]]] | None = None,
-             configs: Path = MNIST_CONFIGS) -> dict[str, Path]:
+             configs: Path = MNIST_CONFIGS, checks: str = "off", reports: dict | None = None) -> dict[str, Path]:
     """Tokenizer, base and the fine-tuning stages (finetune_runs; default: each objective as configured), trained
     where not cached; their checkpoints by row name. A stage directory is named by its config's hash, so the same
-    settings reached from two rows train once."""
+    settings reached from two rows train once. checks: "off", "report" (measure the tokenizer after its stage and
+    the base after its own, into tokenizer_report.json and base_report.json beside them) or "enforce" (also stop
+    with PipelineStop when one fails: docs/method.md, "Checks between stages"); the reports go into `reports`."""
+    reports = {} if reports is None else reports
     tok_cfg, tok = stage("tokenizer", "tokenizer.yaml", root, extra, configs)
     run_stage(tok_cfg, tok, train_tokenizer)
+    if checks != "off":
+        reports["tokenizer"] = check_tokenizer(tok_cfg, tok, root, checks == "enforce")
     common = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", *extra]
     pre_cfg, pre = stage(f"pretrain-s{seed}", "pretrain.yaml", root, common, configs)
     run_stage(pre_cfg, pre, train)
+    if checks != "off":
+        reports[f"base s{seed}"] = check_base(pre_cfg, pre, checks == "enforce")
     paths = {"base": pre}
     for name, config, overrides in finetune_runs("tuned") if finetunes is None else finetunes:
         cfg, path = stage(f"{config}-s{seed}", f"{config}.yaml", root, [*common, f"model.init={pre}", *overrides],
@@ -172,14 +238,15 @@ def best_settings(summary: dict) -> str:
 
 def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str],
             configs: Path = MNIST_CONFIGS, features: str = "mnist", title: str = "MNIST demo",
-            strengths: str = "tuned") -> Path:
+            strengths: str = "tuned", checks: str = "off") -> Path:
     """Every stage for every seed (cached ones reused), then the comparison table, plot and grid; returns the
-    summary directory."""
+    summary directory. checks: pipeline()'s; their reports end the summary and every table says when the feature
+    network is too weak to judge."""
     check_arguments(seeds, num_samples, cfg_scales, overrides, configs, strengths, features, root)
-    per_seed, outs = [], []
+    per_seed, outs, reports = [], [], {}
     runs = finetune_runs(strengths)
     for seed in seeds:
-        paths = pipeline(root, seed, overrides, runs, configs)
+        paths = pipeline(root, seed, overrides, runs, configs, checks, reports)
         common = EvalSettings(ckpt=str(paths["base"]), num_samples=num_samples, cache_dir=str(root / "cache"),
                               features=features)
         key = hashlib.sha256(json.dumps([sorted((k, str(v)) for k, v in paths.items()), cfg_scales])
@@ -202,9 +269,26 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
         best = best_settings(json.loads((summary_dir / "summary.json").read_text()))
         write_text_atomic(summary_dir / "best.md", best)
         print(f"Lowest mean FID of each method over its strengths (STRENGTH_GRID, --cfg-scales):\n\n{best}")
+    if reports:
+        print(report_checks(reports, summary_dir, [root / name for name in outs]))
     print(f"plot: {out / 'fid_vs_cfg.png'}\ngrid: {out / 'grid.png'}\nsummary: {summary_dir / 'summary.md'}")
     return summary_dir
 
+
+def report_checks(reports: dict, summary_dir: Path, compare_dirs: list[Path]) -> str:
+    """The checks' block, appended to summary.md and written as checks.json; with a too-weak feature network, a
+    warning heads summary.md, best.md and every seed's table.md (docs/method.md, "Checks between stages")."""
+    acc = reports["tokenizer"]["evaluator_heldout_accuracy"] if "tokenizer" in reports else None
+    block = checks_block(reports.get("tokenizer"), {k: r for k, r in reports.items() if k.startswith("base s")}, acc)
+    write_text_atomic(summary_dir / "checks.json", json.dumps(reports, indent=2))
+    weak = evaluator_problem(acc)
+    tables = [summary_dir / "summary.md", summary_dir / "best.md", *(d / "table.md" for d in compare_dirs)]
+    for i, path in enumerate(t for t in tables if t.is_file()):
+        text = path.read_text()
+        if weak and not text.startswith("**WARNING"):
+            text = f"**WARNING: {weak}.**\n\n{text}"
+        write_text_atomic(path, text + (f"\n{block}" if i == 0 else ""))
+    return (f"WARNING: {weak}.\n\n" if weak else "") + block
 
 def _cached_results(path: Path) -> list[dict] | None:
     """A comparison's results.json, or None to compare again: when missing, or unreadable (a truncated file, say),
@@ -242,8 +326,9 @@ def check_arguments(seeds: list[int], num_samples: int, cfg_scales: list[float],
 
 def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[int], num_samples: int,
                 cfg_scales: list[float], overrides: list[str], features: str | None = None,
-                strengths: str | None = None) -> Path:
-    """The pipeline on --data mnist or --data imagefolder --root DIR, every setting checked before any work."""
+                strengths: str | None = None, skip_checks: bool = False) -> Path:
+    """The pipeline on --data mnist or --data imagefolder --root DIR, every setting checked before any work. A
+    folder's stages are checked as they finish and stop when one fails (skip_checks: report, go on)."""
     features = features or DEFAULT_FEATURES[data]
     strengths = strengths or DEFAULT_STRENGTHS[data]
     if data == "mnist":
@@ -251,7 +336,7 @@ def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[i
             raise PipelineError("--root names an image folder; use it with --data imagefolder (--out sets where the "
                                 "runs go)")
         return run_all(Path(out or "runs/mnist"), seeds, num_samples, cfg_scales, overrides, MNIST_CONFIGS, features,
-                       strengths=strengths)
+                       strengths=strengths)  # the demo's stages, unchecked: its numbers and outputs stay as they were
     if data_root is None:
         raise PipelineError("--data imagefolder needs --root DIR (the directory holding train/<class>/<images>)")
     if features == "mnist":
@@ -260,7 +345,8 @@ def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[i
     root = Path(data_root)
     runs = Path(out or f"runs/folder-{root.resolve().name}")
     return run_all(runs, seeds, num_samples, cfg_scales, [*folder_overrides(root), *overrides],
-                   STAGE_CONFIGS["imagefolder"], features, title=f"Image folder {root}", strengths=strengths)
+                   STAGE_CONFIGS["imagefolder"], features, title=f"Image folder {root}", strengths=strengths,
+                   checks="report" if skip_checks else "enforce")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,10 +364,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="fine-tune each method at its configured strength (tuned: the MNIST default) or at each "
                         "STRENGTH_GRID value (sweep: a folder's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every stage")
+    p.add_argument("--skip-checks", action="store_true",
+                   help="a folder: go on when a check between stages fails (the tokenizer loses the classes, the "
+                        "base is near chance); the failure is still reported, in the log and the summary")
     args = add_debug_flag(p).parse_args(argv)
     with reporting_user_errors(args.debug):
         run_dataset(args.data, args.root, args.out, args.seeds, args.num_samples, args.cfg_scales, args.set,
-                    args.features, args.strengths)
+                    args.features, args.strengths, args.skip_checks)
 
 
 if __name__ == "__main__":

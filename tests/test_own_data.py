@@ -145,8 +145,12 @@ def test_pipeline_end_to_end_on_a_generated_folder(tmp_path, capsys):
     tiny = ["tokenizer_train.steps=3", "tokenizer_train.batch_size=8", "train.epochs=null", "train.steps=2",
             "train.batch_size=8", "train.warmup_steps=1", "run.log_every=1", "run.eval_every=1", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
             "loss.mclr.tau=1.0"]  # two base steps barely separate classes, too little for tau: auto to measure
-    summary = run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny)
+    # three tokenizer steps cannot keep the classes: the check stops such a folder (tests/test_stage_checks.py);
+    # skip_checks goes on, and the summary still says which check failed
+    summary = run_dataset("imagefolder", str(root), str(tmp_path / "runs"), [0], 6, [2.0], tiny, skip_checks=True)
     table = (summary / "summary.md").read_text()
+    assert "FAILED: the tokenizer loses the classes" in table and "- base s0, " in table
+    assert set(json.loads((summary / "checks.json").read_text())) == {"tokenizer", "base s0"}
     # a folder's default: every fine-tuned method at each of its STRENGTH_GRID values
     for row in ("| base |", "| base+cfg2 |", "| nll |", "| mclr lam=10 |", "| mclr lam=3 |", "| mclr lam=0.3 |",
                 "| cca lam=50 |", "| cca lam=1.5 |", "| cc_dpo beta=0.2 |", "| cc_dpo beta=6 |"):

@@ -32,6 +32,7 @@ from var_mclr.checkpoints import is_complete_result, parameters_in, require_fini
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config, vqvae_config
 from var_mclr.data import build_dataset, dataset_args  # the data VAR training reads, exactly
 from var_mclr.run_dir import RunDirError, check_resume, claim_run_dir, record_changes, run_dir_lock
+from var_mclr.tokenizer_heldout import ReconstructionStopper
 from var_mclr.train import RankBatchSampler, step_generator
 from var_mclr.train_state import resume_newest, save_training_state
 
@@ -85,6 +86,10 @@ def _train_tokenizer(cfg: Config) -> Path:
     opt = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=(0.5, 0.9))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.warmup_steps)))
     start_step, hits_window_V, rec_value, history = 0, torch.zeros(vae.V), math.nan, []
+    # run.eval_every > 0: tokenizer_train.steps is a ceiling, the held-out reconstruction decides (docs/method.md,
+    # "Training length"; var_mclr/tokenizer_heldout.py)
+    stopper = ReconstructionStopper(dataset_args(dataclasses.asdict(cfg.data)), cfg.run.eval_images) \
+        if cfg.run.eval_every else None
     resumed = resume_newest(out_dir, vae, opt, sched)
     if resumed:
         ckpt, state = resumed
@@ -93,6 +98,8 @@ def _train_tokenizer(cfg: Config) -> Path:
         start_step, rec_value = state["step"], state.get("rec_loss", math.nan)
         gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         hits_window_V = torch.tensor(state["codebook_hits"], dtype=torch.float32)
+        if stopper is not None:
+            stopper.restore(state.get("heldout_rec"))
         log.info("resumed from %s at step %d", ckpt, start_step)
     save_config(cfg, out_dir / "config.yaml")
     batches = None
@@ -101,7 +108,9 @@ def _train_tokenizer(cfg: Config) -> Path:
         batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers))
     writer = SummaryWriter(str(out_dir / "tb"))
     vae.train()
-    for step in (progress := tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="tokenizer",
+    done = start_step
+    last = start_step if stopper is not None and stopper.stopped else tc.steps  # resumed after an early stop
+    for step in (progress := tqdm(range(start_step, last), initial=start_step, total=tc.steps, desc="tokenizer",
                                   dynamic_ncols=True)):
         if batches is None:
             batch = images_N3HW[torch.randint(0, len(images_N3HW), (tc.batch_size,), generator=gen)]
@@ -133,18 +142,27 @@ def _train_tokenizer(cfg: Config) -> Path:
             log.info("step %d rec %.4f vq %.4f codebook usage %.1f%% (re-seeded %d)", step + 1, rec_loss.item(),
                      vq_loss.item(), 100 * usage, reseeded)
         done = step + 1
-        if done % cfg.run.ckpt_every == 0 or done == tc.steps:  # var_mclr/train_state.py: atomic, finite only
+        stop = stopper is not None and done % cfg.run.eval_every == 0 and stopper.update(vae, done, out_dir)
+        if done % cfg.run.ckpt_every == 0 or done == tc.steps or stop:  # var_mclr/train_state.py: atomic, finite
             save_training_state(out_dir, done, vae, opt, sched,
                                 {"generator": gen.get_state().tolist(), "codebook_hits": hits_window_V.tolist(),
-                                 "rec_loss": rec_value, "config": cfg.to_dict(), "config_history": history},
+                                 "rec_loss": rec_value, "config": cfg.to_dict(), "config_history": history,
+                                 **({"heldout_rec": stopper.state()} if stopper else {})},
                                 keep=cfg.run.keep_ckpts)
+        if stop:
+            log.info("tokenizer: held-out reconstruction stopped improving; stopping after step %d of at most %d",
+                     done, tc.steps)
+            break
     writer.close()
     vae.eval()
     if not math.isfinite(rec_value):
         raise ConfigError(f"the tokenizer's reconstruction loss ended non-finite ({rec_value}); nothing was "
                           "saved; lower tokenizer_train.lr")
+    extra = {"steps": tc.steps, "final_rec_loss": rec_value, "config_history": history}
+    if stopper is not None and stopper.best is not None:
+        extra.update(steps_run=done, selected=stopper.load_best(vae, out_dir))
     require_finite(parameters_in(vae, vae.state_dict()), "the trained tokenizer")
-    save_model(vae, out, extra={"steps": tc.steps, "final_rec_loss": rec_value, "config_history": history})
+    save_model(vae, out, extra=extra)
     return out
 
 

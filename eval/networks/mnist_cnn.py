@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -166,8 +167,74 @@ def _train_classifier(x_N3HW: torch.Tensor, y_N: torch.Tensor, x_heldout: torch.
     return model, acc
 
 
+def train_classifier_until_plateau(x_N3HW: torch.Tensor, y_N: torch.Tensor, x_stop: torch.Tensor,
+                                   y_stop: torch.Tensor, num_classes: int, seed: int = 0, max_epochs: int = 60,
+                                   patience: int = 5, min_steps: int = 200, batch_size: int = 64, lr: float = 3e-3,
+                                   max_shift: int = 2, hflip: bool = False, width: int = 32) -> MnistCNN:
+    """An own-data classifier trained until its accuracy on (x_stop, y_stop), images it never trains on, stops
+    improving: `patience` epochs without a better stop-set accuracy (ties: a lower stop-set loss), at most
+    max_epochs, at least min_steps updates. Returns the best epoch's weights in eval mode (docs/method.md, "Checks
+    between stages"). Single-threaded for train_classifier's reason."""
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_until_plateau(x_N3HW, y_N, x_stop, y_stop, num_classes, seed, max_epochs, patience, min_steps,
+                                    batch_size, lr, max_shift, hflip, width)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+@torch.no_grad()
+def _stop_score(model: MnistCNN, x_N3HW: torch.Tensor, y_N: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, -mean cross-entropy) on the stop set: larger is better, compared as a tuple."""
+    model.eval()
+    logits = torch.cat([model.logits(x_N3HW[s:s + 500]) for s in range(0, len(y_N), 500)])
+    model.train()
+    return float((logits.argmax(1) == y_N).float().mean()), -float(F.cross_entropy(logits, y_N))
+
+
+def _train_until_plateau(x_N3HW, y_N, x_stop, y_stop, num_classes, seed, max_epochs, patience, min_steps,
+                         batch_size, lr, max_shift, hflip, width) -> MnistCNN:
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MnistCNN(num_classes=num_classes, width=width)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    # A plateau first lowers the rate (a constant rate stalls above the optimum), then ends training.
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.3, patience=max(1, patience // 2))
+    min_epochs = math.ceil(min_steps / math.ceil(len(y_N) / batch_size))
+    best, best_state, since, t0 = None, None, 0, time.perf_counter()
+    model.train()
+    for epoch in range(max_epochs):
+        perm = torch.randperm(len(y_N), generator=g)
+        for s in range(0, len(y_N), batch_size):
+            idx = perm[s:s + batch_size]
+            x = _shift_augment(x_N3HW[idx], g, max_shift, None)  # edge pixels repeated: no uniform background
+            if hflip:
+                x = torch.where((torch.rand(len(idx), generator=g) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
+            loss = F.cross_entropy(model.logits(x), y_N[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        score = _stop_score(model, x_stop, y_stop)
+        sched.step(score[0])
+        if best is None or score > best:
+            best, since = score, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since += 1
+        log.info("eval classifier epoch %d: stop-set accuracy %.4f, loss %.4f (%.1fs)", epoch + 1, score[0],
+                 -score[1], time.perf_counter() - t0)
+        if since >= patience and epoch + 1 >= min_epochs:
+            break
+    model.load_state_dict(best_state)
+    log.info("eval classifier: best stop-set accuracy %.4f after %d epochs (%.1fs)", best[0], epoch + 1,
+             time.perf_counter() - t0)
+    return model.eval()
+
+
 def _load(path, meta: dict) -> MnistCNN:
-    model = MnistCNN(num_classes=int(meta["num_classes"]))
+    model = MnistCNN(num_classes=int(meta["num_classes"]), width=int(meta.get("width", 16)))
     model.load_state_dict(load_file(path))
     return model.eval()
 
@@ -213,7 +280,8 @@ def load_or_train_classifier(cache_path: str, want: dict[str, str], train: Calla
             log.warning("classifier cache %s unreadable (%s): retraining", cache_path, e)
     model, acc = train()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {**want, "num_classes": str(model.num_classes), "heldout_acc": repr(acc)}
+    meta = {**want, "num_classes": str(model.num_classes), "heldout_acc": repr(acc),
+            "width": str(model.body[0][0].out_channels)}
     atomic_write(Path(cache_path), lambda tmp: save_file(state, tmp, metadata=meta))
     return model, acc
 
