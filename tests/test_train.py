@@ -185,7 +185,8 @@ def test_imagenet_config_runs_on_official_layout_weights_and_an_image_folder(tmp
                  f"tokenizer.vocab_size={t.vocab_size}", f"tokenizer.z_channels={t.z_channels}", f"tokenizer.ch={t.ch}",
                  f"tokenizer.ch_mult={list(t.ch_mult)}", f"tokenizer.num_res_blocks={t.num_res_blocks}",
                  f"tokenizer.v_patch_nums={list(t.v_patch_nums)}", f"model.init={tmp_path / 'var_d2.pth'}",
-                 "model.depth=2", "model.embed_dim=128", "model.num_heads=2", "train.steps=2", "train.batch_size=4",
+                 "model.depth=2", "model.embed_dim=128", "model.num_heads=2", "train.steps=2",
+                 "train.global_batch=4", "train.micro_batch=4",
                  "train.mixed_precision=no", "run.log_every=1",
                  "loss.mclr.tau=0.1"]  # random weights do not separate classes: tau: auto (rightly) refuses them
     final = train(load_config(REPO / "configs" / "var_d16.yaml", overrides))

@@ -122,6 +122,17 @@ class TrainConfig:
     keep: str = field(default="last", metadata=OMITTED_AT_DEFAULT)
     batch_size: int = 64  # per process, per micro-batch
     grad_accum: int = 1
+    # The recipe's batch: images per optimizer step over all processes (CCA: 256). When set, batch_size and
+    # grad_accum are derived from it, train.micro_batch and the process count when the run starts (and logged); a
+    # global batch the processes cannot make exactly is refused. null = the per-process form above (global batch =
+    # batch_size x processes x grad_accum), kept for the single-process demo configs.
+    global_batch: int | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
+    # With global_batch: images per process per forward; auto = the largest the memory plan fits on this GPU
+    # (var_mclr/plan.py); null = global_batch / processes (no accumulation).
+    micro_batch: int | str | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
+    # Keep only each block's input and recompute its activations in the backward (VAR.activation_checkpointing):
+    # ~13x less activation memory for one more forward of the blocks (bench/bench_checkpointing.py).
+    activation_checkpointing: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -335,6 +346,7 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
     errors += _objective_errors(cfg)
     if not cfg.loss.mclr.tau_multiple > 0:
         errors.append(f"loss.mclr.tau_multiple must be > 0, got {cfg.loss.mclr.tau_multiple}")
+    errors += _batch_errors(cfg.train)
     if cfg.train.keep == "best_heldout" and cfg.run.eval_every == 0:
         errors.append("train.keep = best_heldout needs run.eval_every > 0 (the held-out evaluations it chooses from)")
     if not 0 <= cfg.train.class_dropout < 1:
@@ -367,6 +379,19 @@ def _objective_errors(cfg: Config) -> list[str]:
         return [f"loss.mclr.negatives = all scores every mismatched class: loss.mclr.K must be "
                 f"data.num_classes - 1 = {n - 1}, got {m.K}"]
     return []
+
+
+def _batch_errors(t: TrainConfig) -> list[str]:
+    if t.global_batch is None:
+        return [] if t.micro_batch is None else ["train.micro_batch needs train.global_batch (the images per step "
+                                                 "it divides); or set train.batch_size alone"]
+    errors = [] if t.global_batch > 0 else [f"train.global_batch must be positive, got {t.global_batch}"]
+    mb = t.micro_batch
+    if not (mb is None or mb == "auto" or (isinstance(mb, int) and mb > 0)):
+        errors.append(f"train.micro_batch = {mb!r} must be a positive integer, auto or null")
+    elif isinstance(mb, int) and t.global_batch > 0 and t.global_batch % mb:
+        errors.append(f"train.micro_batch {mb} does not divide train.global_batch {t.global_batch}")
+    return errors
 
 
 def _range_errors(cfg: Config) -> list[str]:

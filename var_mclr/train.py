@@ -33,6 +33,7 @@ from var_mclr.checkpoints import (CheckpointError, nonfinite_entries, parameters
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config
 from var_mclr.data import build_dataset, dataset_args
 from var_mclr.objectives import get_objective, objective_loss
+from var_mclr.plan import resolve_batch, sharding_of
 from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
 from var_mclr.heldout import HeldoutTracker, is_improvement
@@ -194,10 +195,18 @@ def _train(cfg: Config) -> Path:
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     out_dir = Path(cfg.run.out_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    # train.global_batch: the micro-batch and accumulation this process count needs; on CUDA the memory plan must
+    # fit first (var_mclr/plan.py), so a config that cannot fit stops here, naming the keys to change.
+    t.batch_size, t.grad_accum = resolve_batch(cfg, world, device, sharding_of(accelerator))
+    log.info("world size %d (%s), global batch %d = micro-batch %d x %d processes x %d accumulation; peak lr %g "
+             "(%s schedule, %d warm-up steps)", world, accelerator.distributed_type,
+             t.batch_size * world * t.grad_accum, t.batch_size, world, t.grad_accum, t.lr, t.lr_schedule,
+             t.warmup_steps)
 
     set_seed(cfg.run.seed)  # the same fresh initialisation on every process and every rerun
     vae = build_tokenizer(cfg).to(device)
     var = build_var(cfg, vae).to(device)
+    var.activation_checkpointing = t.activation_checkpointing
     inputs = input_hashes(cfg, vae, var)  # what a resume must start from again (run_dir.check_resume)
     # CCA's trainer runs its frozen reference in training mode: with drop-path on, the reference drops paths too.
     ref = frozen_copy(var).train().to(device) if objective.needs_reference else None
