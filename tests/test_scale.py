@@ -1,0 +1,66 @@
+"""Training at scale: activation checkpointing (same gradients), the global batch split over processes."""
+import pytest
+import torch
+
+from var_mclr.config import load_config
+from var_mclr.model import VAR, VARConfig
+from var_mclr.plan import resolve_batch
+from var_mclr.config import ConfigError
+
+
+def _grads(checkpointing: bool, drop_path: float) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    var = VAR(VARConfig(vocab_size=64, Cvae=8, num_classes=5, depth=3, embed_dim=64, num_heads=2,
+                        patch_nums=(1, 2, 3, 4)), logprob_impl="chunked")
+    var.init_weights()
+    var.set_drop_path_rate(drop_path)
+    var.activation_checkpointing = checkpointing
+    var.train()
+    g = torch.Generator().manual_seed(1)
+    label, x = torch.randint(0, 5, (4,), generator=g), torch.randn(4, var.L - 1, 8, generator=g)
+    idx = torch.randint(0, 64, (4, var.L), generator=g)
+    torch.manual_seed(2)  # drop-path's draws
+    var(label, x, target_BL=idx).sum().backward()
+    return {n: p.grad for n, p in var.named_parameters()}
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_checkpointing_gives_the_same_gradients(drop_path):
+    plain, ckpt = _grads(False, drop_path), _grads(True, drop_path)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:  # the same ops on the same inputs, recomputed with the same RNG state: bit for bit
+        assert torch.equal(plain[n], ckpt[n]), n
+
+
+def test_checkpointing_is_off_without_gradients():
+    var = VAR(VARConfig(vocab_size=16, Cvae=4, num_classes=2, depth=1, embed_dim=32, num_heads=2,
+                        patch_nums=(1, 2)))
+    var.activation_checkpointing = True
+    x = torch.randn(1, var.L - 1, 4)
+    with torch.no_grad():  # sampling and the frozen reference never checkpoint (nothing to save)
+        out = var(torch.zeros(1, dtype=torch.long), x)
+    assert out.grad_fn is None
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize("world, micro, expected", [(1, None, (8, 1)), (2, None, (4, 1)), (2, 2, (2, 2)),
+                                                    (4, 1, (1, 2))])
+def test_the_global_batch_is_split_over_processes(world, micro, expected):
+    cfg = _cfg("train.global_batch=8", *([f"train.micro_batch={micro}"] if micro else []))
+    assert resolve_batch(cfg, world, torch.device("cpu")) == expected
+
+
+def test_a_global_batch_that_does_not_split_is_refused():
+    with pytest.raises(ConfigError, match="cannot be split over 3 processes"):
+        resolve_batch(_cfg("train.global_batch=8"), 3, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="does not divide"):
+        resolve_batch(_cfg("train.global_batch=8", "train.micro_batch=4"), 4, torch.device("cpu"))
+
+
+def test_without_a_global_batch_the_per_process_settings_stand():
+    assert resolve_batch(_cfg("train.batch_size=5", "train.grad_accum=3"), 2, torch.device("cpu")) == (5, 3)
+    with pytest.raises(ConfigError, match="needs train.global_batch"):
+        _cfg("train.micro_batch=4")
