@@ -52,6 +52,9 @@ class RunConfig:
     # of up to eval_images held-out images, and of as many training images, go to metrics.jsonl; 0 = off.
     eval_every: int = field(default=0, metadata=OMITTED_AT_DEFAULT)
     eval_images: int = field(default=512, metadata=OMITTED_AT_DEFAULT)
+    # Experiment tracker, through accelerate's log_with: tensorboard (run.out_dir/tb), wandb (needs wandb installed
+    # and logged in), or none; metrics.jsonl is written either way.
+    log_with: str = field(default="tensorboard", metadata=OMITTED_AT_DEFAULT)
 
 
 @dataclass
@@ -200,6 +203,7 @@ def _plain(tree):
 
 CHOICES = {
     "data.name": ("imagefolder", "mnist", "synthetic"),
+    "run.log_with": ("tensorboard", "wandb", "none"),
     "data.crop": ("imagenet", "center", "none"),
     "train.objective": tuple(OBJECTIVES),
     "train.keep": ("last", "best_heldout"),

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Sampler
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from var_mclr.builders import build_tokenizer, build_var, frozen_copy
+from var_mclr.builders import build_tokenizer, build_var, frozen_copy, tokenizer_record
 from var_mclr.calibration import AUTO, check_fixed_tau, resolve_auto_tau
 from var_mclr.checkpoints import (CheckpointError, nonfinite_entries, parameters_in, read_model_info,
                                   read_safetensors, save_model)
@@ -192,7 +191,11 @@ def _savable(model: torch.nn.Module, step: int, nonfinite_in_row: int, last_good
 def _train(cfg: Config) -> Path:
     t = cfg.train
     objective = get_objective(t.objective)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
+    # run.log_with: experiment trackers through accelerate (TensorBoard under run.out_dir/tb by default, or wandb).
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
+                              project_config=ProjectConfiguration(project_dir=cfg.run.out_dir,
+                                                                  logging_dir=str(Path(cfg.run.out_dir) / "tb")))
     out_dir = Path(cfg.run.out_dir)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     # train.global_batch: the micro-batch and accumulation this process count needs; on CUDA the memory plan must
@@ -263,7 +266,7 @@ def _train(cfg: Config) -> Path:
                                    start_step * t.grad_accum, t.steps * t.grad_accum)
         images = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                  pin_memory=device.type == "cuda"))
-    writer = SummaryWriter(str(out_dir / "tb")) if accelerator.is_main_process else None
+    accelerator.init_trackers("var-mclr", init_kwargs={"wandb": {"name": out_dir.name}})
     global_batch = t.batch_size * world
     nonfinite_in_row = 0
     progress = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.objective,
@@ -313,18 +316,17 @@ def _train(cfg: Config) -> Path:
         dt = time.perf_counter() - tic
         if step % cfg.run.log_every == 0 or step == t.steps - 1:
             stats_mean = {k: float(accelerator.reduce(v, "mean")) for k, v in stats_sum.items()}  # all processes
-        if writer is not None and (step % cfg.run.log_every == 0 or step == t.steps - 1):
+        if accelerator.is_main_process and (step % cfg.run.log_every == 0 or step == t.steps - 1):
             scalars = {**stats_mean, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                        "tokens_per_s": global_batch * t.grad_accum * model.L / dt, "nonfinite_total": nonfinite_total}
-            for k, v in scalars.items():
-                writer.add_scalar(f"train/{k}", v, step)
+            accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
             progress.set_postfix({k: f"{stats_mean[k]:.4f}" for k in list(stats_mean)[:4]})
             log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
         done = step + 1
         if tracker is not None and (done % cfg.run.eval_every == 0 or done == t.steps):
-            best = _track(tracker, accelerator, model, step, t.keep, best, writer, out_dir, cfg)
+            best = _track(tracker, accelerator, model, step, t.keep, best, out_dir, cfg)
         if done % cfg.run.ckpt_every == 0 or done == t.steps:
             savable = _savable(model, done, nonfinite_in_row, _last_good(last_ckpt, resumed_from))  # same on all
             accelerator.wait_for_everyone()
@@ -349,8 +351,7 @@ def _train(cfg: Config) -> Path:
         extra["selected"] = best
     if accelerator.is_main_process:
         save_model(model, final, extra=extra)
-        writer.close()
-    accelerator.end_training()
+    accelerator.end_training()  # also closes the trackers
     return final
 
 
@@ -360,7 +361,7 @@ def steps_for_epochs(epochs: float, num_images: int, global_batch: int) -> int:
 
 
 def _track(tracker: HeldoutTracker, accelerator: Accelerator, model: torch.nn.Module, step: int, keep: str,
-           best: dict | None, writer: SummaryWriter | None, out_dir: Path, cfg: Config) -> dict | None:
+           best: dict | None, out_dir: Path, cfg: Config) -> dict | None:
     """One held-out evaluation after `step`: logged, and with train.keep = best_heldout a new lowest held-out nll
     saves the weights as best.safetensors. Returns the (possibly new) best."""
     scores = tracker.evaluate(model, accelerator.process_index, accelerator.num_processes,
@@ -369,8 +370,7 @@ def _track(tracker: HeldoutTracker, accelerator: Accelerator, model: torch.nn.Mo
     if improved:
         best = {"step": step + 1, "heldout_nll": scores["heldout_nll"]}
     if accelerator.is_main_process:
-        for k, v in scores.items():
-            writer.add_scalar(f"eval/{k}", v, step)
+        accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")
         log.info("step %d held-out tracking: %s%s", step, " ".join(f"{k}={v:.4f}" for k, v in scores.items()),
