@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -26,8 +27,8 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from eval.fid import evaluate, feature_backend  # noqa: E402
-from eval.sampling_run import load_for_eval  # noqa: E402
+from eval.fid import evaluate, feature_backend, read_outputs  # noqa: E402
+from eval.sampling_run import load_models  # noqa: E402
 from eval.separation import separation  # noqa: E402
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args  # noqa: E402
 from eval.run_data import DataSpecError, recorded_data, split_images  # noqa: E402
@@ -40,6 +41,22 @@ COLUMNS = ("fid", "precision", "recall", "inception_score", "class_accuracy", "i
            "transformer_passes_per_image")
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_row_names(finetuned: list[tuple[str, str]]) -> None:
+    """Each fine-tuned row gets the directory OUT/NAME: a name must be a plain file name, unique, and not one of the
+    base rows' (base, base+cfg...), so no row overwrites another or writes outside --out-dir."""
+    names = [name for name, _ in finetuned]
+    for name in names:
+        if not NAME_PATTERN.fullmatch(name) or name == "base" or name.startswith("base+"):
+            raise SettingsError(f"--finetuned {name}=...: a row name is letters, digits, '.', '_' or '-' (not "
+                                "starting with '.'), and not 'base' or 'base+...' (the base rows)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SettingsError(f"--finetuned names {dup} appear more than once")
+
+
 def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float]) -> list[dict]:
     rows = [{"name": "base", "ckpt": base, "guidance": "none", "cfg_scale": 0.0}]
     rows += [{"name": f"base+cfg{s:g}", "ckpt": base, "guidance": "cfg", "cfg_scale": s} for s in cfg_scales]
@@ -47,15 +64,20 @@ def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[floa
     return rows
 
 
-def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: str | None) -> list[dict]:
+def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: str | None,
+             root: str | None = None) -> list[dict]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    vae0, var0, _ = load_for_eval(rows[0]["ckpt"], common.tokenizer)
+    vae0, var0, _ = _load(rows[0]["ckpt"], common)
     # Every metric on the run's own data: the base's recorded training data unless a dataset is named.
     data = recorded_data(rows[0]["ckpt"]) if data_name is None else \
         {"name": data_name, "resolution": vae0.resolution, "num_classes": var0.num_classes}
     if data is None:
-        raise DataSpecError(f"{rows[0]['ckpt']} records no training data; name it with --data")
+        raise DataSpecError(f"{rows[0]['ckpt']} records no training data; name it with --data (and --root)")
+    if data["name"] == "imagefolder" and data_name is not None:
+        if not root:
+            raise SettingsError("--data imagefolder needs --root (the directory holding train/<class>/ and val/)")
+        data["root"] = root
     net, ref = feature_backend(common, vae0.resolution, device, data)
     *heldout, heldout_source = split_images(data, "val")
     log.info("separation on %s", heldout_source)
@@ -66,12 +88,18 @@ def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: s
                                    out_dir=str(out_dir / row["name"]))
         record = evaluate(args, net, ref, accelerator)
         if row["ckpt"] not in separations:
-            vae, var, _ = load_for_eval(row["ckpt"], common.tokenizer)
+            vae, var, _ = _load(row["ckpt"], common)
             separations[row["ckpt"]] = separation(var.to(device), vae.to(device), *heldout)
         results.append({**row, **record["metrics"], **separations[row["ckpt"]],
                         "feature_network": record["feature_network"]["description"]})
         log.info("%s: %s", row["name"], {k: results[-1].get(k) for k in COLUMNS})
     return results
+
+
+def _load(ckpt: str, common: EvalSettings):
+    """A row's models: the official base with the shared --tokenizer; our fine-tunes with the tokenizer they record
+    (checked by hash against --tokenizer when one is given)."""
+    return load_models(common, ckpt)
 
 
 def fmt(v) -> str:
@@ -129,6 +157,7 @@ def side_by_side_grid(results: list[dict], out_dir: Path, per_class: int = 2) ->
     """One row per evaluated model, the same (class, seed) samples in the same columns."""
     rows = []
     for r in results:
+        read_outputs(out_dir / r["name"])  # the samples are the ones its metrics describe
         z = np.load(out_dir / r["name"] / "samples.npz")
         images, labels = torch.from_numpy(z["arr_0"]), torch.from_numpy(z["arr_1"])
         picks = [images[labels == c][:per_class] for c in range(int(labels.max()) + 1)]
@@ -139,14 +168,15 @@ def side_by_side_grid(results: list[dict], out_dir: Path, per_class: int = 2) ->
 
 
 def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float], common: EvalSettings,
-            out_dir: Path, data_name: str | None = None) -> list[dict]:
-    """data_name: the dataset of the held-out images and the own-data features (default: what the base was
-    trained on, from its checkpoint)."""
+            out_dir: Path, data_name: str | None = None, root: str | None = None) -> list[dict]:
+    """data_name (and root for an image folder): the dataset of the held-out images and the own-data features
+    (default: what the base was trained on, from its checkpoint)."""
     common.check()  # before any row is sampled
+    check_row_names(finetuned)
     if not all(math.isfinite(s) for s in cfg_scales):
         raise SettingsError(f"--cfg-scales = {cfg_scales} is out of range: must be finite numbers")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_rows(plan_rows(base, finetuned, cfg_scales), common, out_dir, data_name)
+    results = run_rows(plan_rows(base, finetuned, cfg_scales), common, out_dir, data_name, root)
     write_tables(results, out_dir, f"{common.num_samples} samples, sampling seed {common.seed}")
     plot(results, out_dir)
     side_by_side_grid(results, out_dir)
@@ -159,8 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--finetuned", nargs="*", default=[], metavar="NAME=CKPT")
     p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
-    p.add_argument("--data", choices=("mnist", "synthetic"),
-                   help="held-out images for separation (default: the data the base model was trained on)")
+    p.add_argument("--data", choices=("mnist", "synthetic", "imagefolder"),
+                   help="held-out images for separation and own-data features (default: the data the base model "
+                        "was trained on; needed for an official base)")
+    p.add_argument("--root", help="--data imagefolder: the directory holding train/<class>/ and val/<class>/")
     args = add_eval_arguments(p, with_ckpt=False).parse_args(argv)
     finetuned = []
     for item in args.finetuned:
@@ -168,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--finetuned expects NAME=CKPT, got {item!r}")
         finetuned.append(tuple(item.split("=", 1)))
     with reporting_user_errors(args.debug):
-        compare(args.base, finetuned, args.cfg_scales, settings_from_args(args), Path(args.out_dir), args.data)
+        compare(args.base, finetuned, args.cfg_scales, settings_from_args(args), Path(args.out_dir), args.data,
+                args.root)
     print((Path(args.out_dir) / "table.md").read_text())
 
 

@@ -29,7 +29,7 @@ from eval.grid import class_names, labelled_grid, save_png
 from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, inception_score, precision_recall,
                           to_uint8_nhwc)
 from eval.run_data import DataSpecError, own_classifier_net, recorded_data
-from eval.sampling_run import balanced_labels, code_version, load_for_eval, sample_set
+from eval.sampling_run import balanced_labels, code_version, load_models, sample_set
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args
 from eval.shards import (Shard, fingerprint, images_of_classes, read_shard, shard_dir, shard_path,
                          stream_samples_npz, write_shard)
@@ -114,8 +114,7 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
     args.check()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     device, out_dir = accelerator.device, Path(args.out_dir)
-    vae, var, provenance = load_for_eval(args.ckpt, args.tokenizer, args.official_vae, args.depth, args.num_classes,
-                                         args.allow_other_tokenizer)
+    vae, var, provenance = load_models(args)
     vae, var = vae.to(device), var.to(device)
     sampling = args.sampling(var.num_classes)
     data = recorded_data(args.ckpt)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eval.settings import SettingsError
+from eval.settings import EvalSettings, SettingsError
 from tokenizer.model import VQVAE, VQVAEConfig
 from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_model, load_official_var,
                                   load_tokenizer, read_model_info, weights_sha256)
@@ -40,19 +40,21 @@ def code_version() -> str:
 
 def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | None = None,
                   depth: int | None = None, num_classes: int | None = None,
-                  allow_other_tokenizer: bool = False) -> tuple[VQVAE, VAR, dict]:
+                  allow_other_tokenizer: bool = False, tokenizer_arch: dict | None = None
+                  ) -> tuple[VQVAE, VAR, dict]:
     """The tokenizer and VAR to evaluate, checked to belong together before any sampling.
 
     ckpt: our VAR .safetensors (tokenizer: --tokenizer, else the one its training recorded, an official .pth or
     ours), or an official var_d*.pth (tokenizer: --tokenizer or --official-vae; architecture read off the file). A
     tokenizer other than the one the VAR was trained with (by weight hash) is refused unless allow_other_tokenizer,
-    and then recorded; one that does not fit the VAR (vocabulary, latent width, patch schedule) is always refused."""
+    and then recorded; one that does not fit the VAR (vocabulary, latent width, patch schedule) is always refused.
+    tokenizer_arch: VQVAEConfig fields of an official-layout tokenizer file (--set tokenizer.KEY=VALUE)."""
     if is_official_checkpoint(ckpt):
         vae_path = tokenizer or official_vae
         if vae_path is None:
             raise SettingsError(f"{ckpt} is an official VAR: name its tokenizer with --tokenizer (e.g. "
                                 "vae_ch160v4096z32.pth or hf://FoundationVision/var/vae_ch160v4096z32.pth)")
-        vae = load_tokenizer(vae_path)
+        vae = load_tokenizer(vae_path, _declared_tokenizer({}, tokenizer_arch))
         var = load_official_var(ckpt, vae=vae)
         _check_asked(ckpt, var, depth, num_classes)
         recorded = None
@@ -64,13 +66,20 @@ def load_for_eval(ckpt: str, tokenizer: str | None = None, official_vae: str | N
         vae_path = tokenizer or official_vae or recorded.get("checkpoint")
         if vae_path is None:
             raise SettingsError(f"{ckpt} records no tokenizer; pass --tokenizer")
-        vae = load_tokenizer(vae_path, _declared_tokenizer(recorded) if is_official_checkpoint(vae_path) else None)
+        official = is_official_checkpoint(vae_path)
+        vae = load_tokenizer(vae_path, _declared_tokenizer(recorded, tokenizer_arch) if official else None)
     check_tokenizer_fits(vae, var, vae_path, ckpt)
     provenance = {"var": ckpt, "var_sha256": file_sha256(local_path(ckpt)), "vae": vae_path,
                   "vae_weights_sha256": weights_sha256(vae)}
     if recorded is not None:
         provenance.update(_tokenizer_identity(vae, vae_path, recorded, ckpt, allow_other_tokenizer))
     return vae.eval(), var.eval(), provenance
+
+
+def load_models(args: EvalSettings, ckpt: str | None = None) -> tuple[VQVAE, VAR, dict]:
+    """load_for_eval with an evaluation's settings (ckpt: another model than args.ckpt, e.g. a compare row)."""
+    return load_for_eval(ckpt or args.ckpt, args.tokenizer, args.official_vae, args.depth if ckpt is None else None,
+                         args.num_classes, args.allow_other_tokenizer, args.tokenizer_arch)
 
 
 def _check_asked(ckpt: str, var: VAR, depth: int | None, num_classes: int | None) -> None:
@@ -88,11 +97,12 @@ def _recorded_tokenizer(ckpt: str) -> dict:
     return {"checkpoint": section.get("checkpoint"), "config": section}
 
 
-def _declared_tokenizer(recorded: dict) -> VQVAEConfig | None:
-    """The architecture an official-layout tokenizer file was trained as (its file holds no hyperparameters)."""
-    section = recorded.get("config") or {}
+def _declared_tokenizer(recorded: dict, overrides: dict | None) -> VQVAEConfig:
+    """The architecture of an official-layout tokenizer file (which holds no hyperparameters): the released one,
+    updated by what the VAR's training recorded, then by --set tokenizer.KEY=VALUE."""
     known = {f.name for f in dataclasses.fields(VQVAEConfig)}
-    return VQVAEConfig(**{k: v for k, v in section.items() if k in known}) if section else None
+    section = {k: v for k, v in (recorded.get("config") or {}).items() if k in known}
+    return VQVAEConfig(**{**dataclasses.asdict(VQVAEConfig()), **section, **(overrides or {})})
 
 
 def check_tokenizer_fits(vae: VQVAE, var: VAR, vae_path: str, ckpt: str) -> None:

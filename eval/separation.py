@@ -21,7 +21,7 @@ import torch
 
 from eval.run_data import recorded_data, split_images
 from eval.sampling_run import load_for_eval
-from eval.settings import SettingsError
+from eval.settings import SettingsError, tokenizer_overrides
 from var_mclr.errors import add_debug_flag, reporting_user_errors
 from var_mclr.likelihood import implicit_classifier_logprobs, loglik_all_classes, loglik_under_classes
 
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--tokenizer")
+    p.add_argument("--tokenizer", help="default: the one the VAR was trained with; needed for an official var_d*.pth")
+    p.add_argument("--allow-other-tokenizer", action="store_true", help="score with a --tokenizer other than the "
+                   "one the VAR was trained with")
+    p.add_argument("--set", dest="tokenizer_set", action="append", default=[], metavar="tokenizer.KEY=VALUE",
+                   help="architecture of an official-layout tokenizer .pth")
     p.add_argument("--data", choices=("mnist", "synthetic", "imagefolder"),
                    help="default: the data the checkpoint was trained on (its model.json)")
     p.add_argument("--root", help="--data imagefolder: the directory holding train/<class>/ (and val/<class>/)")
@@ -76,16 +80,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--class-chunk", type=int, default=16, help="classes per pass (rows = batch x chunk)")
     args = add_debug_flag(p).parse_args(argv)
     with reporting_user_errors(args.debug):
+        models = load_for_eval(args.ckpt, args.tokenizer, allow_other_tokenizer=args.allow_other_tokenizer,
+                               tokenizer_arch=tokenizer_overrides(args.tokenizer_set))
         print(json.dumps(separation_of_checkpoint(args.ckpt, args.tokenizer, args.data, args.root, args.max_images,
-                                                  args.batch_size, args.class_chunk), indent=2))
+                                                  args.batch_size, args.class_chunk, models), indent=2))
 
 
 def separation_of_checkpoint(ckpt: str, tokenizer: str | None, data: str | None, root: str | None,
-                             max_images: int | None, batch_size: int = 250, class_chunk: int = 16) -> dict:
-    """The separation of a checkpoint on up to max_images images of each split: {"train": ..., "heldout": ...}."""
+                             max_images: int | None, batch_size: int = 250, class_chunk: int = 16,
+                             models: tuple | None = None) -> dict:
+    """The separation of a checkpoint on up to max_images images of each split: {"train": ..., "heldout": ...}.
+    models: (vae, var, provenance) already loaded (default: load_for_eval(ckpt, tokenizer))."""
     if max_images is not None and max_images <= 0:
         raise SettingsError(f"--max-images = {max_images} is out of range: must be an integer > 0")
-    vae, var, _ = load_for_eval(ckpt, tokenizer)
+    vae, var, _ = models or load_for_eval(ckpt, tokenizer)
     if data is None:
         spec = recorded_data(ckpt)
         if spec is None:

@@ -6,7 +6,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import yaml
+
 from eval.features import FEATURE_NETWORKS, OWN_DATA_NETWORKS
+from tokenizer.model import VQVAEConfig
 from var_mclr.errors import UserError, add_debug_flag
 from var_mclr.sampling import SCHEDULES, SamplingConfig
 
@@ -26,6 +29,9 @@ class EvalSettings:
     depth: int | None = None  # checked against an official ckpt's depth (read off the file)
     num_classes: int | None = None  # checked against an official ckpt's class count (read off the file)
     allow_other_tokenizer: bool = False  # decode with a tokenizer other than the one the VAR was trained with
+    # --set tokenizer.KEY=VALUE: the architecture of an official-layout tokenizer .pth (the file holds no
+    # hyperparameters; default: the released vae_ch160v4096z32's, or what the VAR's training recorded)
+    tokenizer_arch: dict = dataclasses.field(default_factory=dict)
     guidance: str = "none"  # none | cfg
     cfg_scale: float = 1.5
     cfg_schedule: str = "linear"
@@ -90,6 +96,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     p.add_argument("--allow-other-tokenizer", action="store_true",
                    help="decode with a --tokenizer whose weights differ from the one the VAR was trained with "
                         "(recorded in metrics.json)")
+    p.add_argument("--set", dest="tokenizer_set", action="append", default=[], metavar="tokenizer.KEY=VALUE",
+                   help="architecture of an official-layout tokenizer .pth, e.g. --set tokenizer.vocab_size=4096")
     p.add_argument("--depth", type=int, help="checked against an official --ckpt (its depth is read off the file)")
     p.add_argument("--num-classes", type=int, help="checked against an official --ckpt (read off the file)")
     p.add_argument("--guidance", choices=("none", "cfg"), default=d.guidance)
@@ -121,4 +129,18 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The EvalSettings fields out of parsed flags (other flags of the caller's parser are ignored)."""
     names = {f.name for f in dataclasses.fields(EvalSettings)}
-    return EvalSettings(**{k: v for k, v in vars(args).items() if k in names})
+    fields = {k: v for k, v in vars(args).items() if k in names}
+    return EvalSettings(**fields, tokenizer_arch=tokenizer_overrides(getattr(args, "tokenizer_set", [])))
+
+
+def tokenizer_overrides(items: list[str]) -> dict:
+    """{key: value} of --set tokenizer.KEY=VALUE items (YAML values), each key a VQVAEConfig field."""
+    known = {f.name for f in dataclasses.fields(VQVAEConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section != "tokenizer" or name not in known:
+            raise SettingsError(f"--set {item}: expected tokenizer.KEY=VALUE with KEY one of {sorted(known)}")
+        out[name] = yaml.safe_load(value)
+    return out

@@ -28,6 +28,7 @@ from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
 from var_mclr.files import write_text_atomic
 from var_mclr.kernels.logprob import IMPLS as LOGPROB_KERNELS
 from var_mclr.likelihood import NEGATIVE_MODES
+from var_mclr.hub import is_hub_name
 from var_mclr.model import VARConfig
 from var_mclr.objectives import OBJECTIVES, LossConfig
 
@@ -363,7 +364,7 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
         return
     for dotted, path in (("data.root", cfg.data.root if cfg.data.name == "imagefolder" else None),
                          ("tokenizer.checkpoint", cfg.tokenizer.checkpoint), ("model.init", cfg.model.init)):
-        if path is not None and not Path(path).exists():
+        if path is not None and not is_hub_name(path) and not Path(path).exists():
             errors.append(f"{dotted}: file or directory not found: {path}")
     if cfg.data.name == "imagefolder" and cfg.data.root is None:
         errors.append("data.root must be set for data.name = imagefolder")

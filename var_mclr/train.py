@@ -345,7 +345,8 @@ def _train(cfg: Config) -> Path:
     accelerator.wait_for_everyone()
     final = out_dir / "model.safetensors"
     extra = {"objective": t.objective, "steps": t.steps, "source_config": cfg.to_dict(), "inputs": inputs,
-             "config_history": history}
+             "config_history": history,
+             "tokenizer": tokenizer_record(cfg.tokenizer.checkpoint, vae)}
     if t.keep == "best_heldout":
         _load_best(model, out_dir, best)
         extra["selected"] = best
