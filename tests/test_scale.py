@@ -64,3 +64,55 @@ def test_without_a_global_batch_the_per_process_settings_stand():
     assert resolve_batch(_cfg("train.batch_size=5", "train.grad_accum=3"), 2, torch.device("cpu")) == (5, 3)
     with pytest.raises(ConfigError, match="needs train.global_batch"):
         _cfg("train.micro_batch=4")
+
+
+def test_batch_indices_draw_one_permutation_per_epoch(monkeypatch):
+    import var_mclr.train as train_mod
+
+    train_mod.epoch_permutation.cache_clear()
+    draws = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a) or real(*a, **k))
+    n, gb = 10, 4
+    got = torch.cat([train_mod.batch_indices(7, i, gb, n) for i in range(5)])  # 20 positions: epochs 0 and 1
+    assert len(draws) == 2
+    expected = torch.cat([real(n, generator=torch.Generator().manual_seed(7 * 7_919 + e)) for e in (0, 1)])
+    assert torch.equal(got, expected)  # the same stream as before: resumed runs and old runs read the same order
+
+
+def _folder(root, per_class=3):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / c / f"{i}.png")
+
+
+def test_an_image_folder_is_verified_once_then_read_from_the_index(tmp_path, monkeypatch):
+    from var_mclr import data
+
+    _folder(tmp_path / "train")
+    opened = []
+    real = data._is_readable
+    monkeypatch.setattr(data, "_is_readable", lambda p: opened.append(p) or real(p))
+    cache = str(tmp_path / "index_cache")
+    first = data.ImageFolderDataset(str(tmp_path / "train"), 8, train=True, index_cache=cache)
+    assert len(opened) == 6
+    data._SCANNED.clear()  # another process: nothing in memory, the index on disk
+    second = data.ImageFolderDataset(str(tmp_path / "train"), 8, train=True, index_cache=cache)
+    assert len(opened) == 6 and second.samples == first.samples
+    (tmp_path / "train" / "a" / "0.png").unlink()  # the class directory changed: scanned again
+    third = data.ImageFolderDataset(str(tmp_path / "train"), 8, train=True, index_cache=cache)
+    assert len(third) == 5 and len(opened) == 11
+
+
+def test_verification_is_a_setting(tmp_path, monkeypatch):
+    from var_mclr import data
+
+    _folder(tmp_path / "train")
+    monkeypatch.setattr(data, "_is_readable", lambda p: pytest.fail("data.verify = false opened a file"))
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={tmp_path}", "data.num_classes=2",
+                             "data.verify=false"])
+    args = data.dataset_args(cfg.to_dict()["data"])
+    assert args["verify"] is False and len(data.build_dataset(args, "train")) == 6

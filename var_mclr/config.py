@@ -67,6 +67,10 @@ class DataConfig:
     hflip: bool = False
     num_workers: int = 0
     cache_tokens: bool = True  # tokenize the whole dataset once (small datasets); else tokenize each batch
+    # imagefolder: open every file once before training so unreadable ones are never drawn (the index is cached
+    # under the run's parent directory); false skips that scan (ImageNet) and a file that fails to decode is replaced
+    # by the next readable one of its class when read.
+    verify: bool = field(default=True, metadata=OMITTED_AT_DEFAULT)
     # imagefolder: resize/crop policy (var_mclr/data.py, CROPS): imagenet (VAR's 1.125x resize + random crop), center
     # (shorter side to the resolution + centre crop) or none (whole image resized to a square).
     crop: str = field(default="center", metadata=OMITTED_AT_DEFAULT)

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.resources
+import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms
 
 from var_mclr.errors import UserError
+from var_mclr.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,47 @@ def held_out_part(files: list[str], share: float, part: str) -> list[str]:
     return files[len(files) - k:] if part == "held" else files[:len(files) - k]
 
 
+_SCANNED: dict[str, dict[str, tuple[list[str], int]]] = {}  # one scan of a folder per process (train + tracker)
+
+
+def _scan_key(root: str, classes: list[str], verify: bool) -> str:
+    """What a folder's file lists depend on: its path, verification, and every class directory's modification time
+    (which changes when a file is added, removed or renamed in it), without listing a single file."""
+    h = hashlib.sha256(f"{os.path.realpath(root)}|{verify}".encode())
+    for c in classes:
+        h.update(f"|{c}:{os.stat(os.path.join(root, c)).st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def scan_folder(root: str, classes: list[str], verify: bool, index_cache: str | None = None
+                ) -> dict[str, tuple[list[str], int]]:
+    """class -> (sorted readable image paths, images skipped as unreadable). With index_cache (a directory; training
+    runs pass one) a folder is scanned once per state of its class directories: the first process writes the index,
+    every later process and run reads it (train.py builds the dataset on the main process first, so the other ranks
+    never scan), and later scans in the same process (the held-out tracker's) reuse it. Without one, every call
+    scans: a file rewritten in place does not change its directory's modification time."""
+    key = _scan_key(root, classes, verify)
+    if key in _SCANNED:
+        return _SCANNED[key]
+    path = os.path.join(index_cache, f"index-{key}.json") if index_cache else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            _SCANNED[key] = {c: (files, skipped) for c, (files, skipped) in json.load(f).items()}
+        log.info("image folder %s: read the index of %d classes from %s", root, len(classes), path)
+        return _SCANNED[key]
+    out = {}
+    for c in classes:
+        cdir = os.path.join(root, c)
+        files = sorted(os.path.join(cdir, f) for f in os.listdir(cdir) if f.lower().endswith(IMG_EXTENSIONS))
+        good = [f for f in files if _is_readable(f)] if verify else files
+        out[c] = (good, len(files) - len(good))
+    if path:
+        os.makedirs(index_cache, exist_ok=True)
+        write_text_atomic(Path(path), json.dumps(out))
+        _SCANNED[key] = out
+    return out
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` -> (image_3HW in [-1, 1], label). Classes are the sorted sub-directory names.
 
@@ -153,7 +198,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str, resolution: int, train: bool, hflip: bool = False,
                  num_classes: int | None = None, verify: bool = True, crop: str = "center",
-                 part: str = "all", held_share: float = 0.0):
+                 part: str = "all", held_share: float = 0.0, index_cache: str | None = None):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root!r} does not exist or is not a directory")
         self.root = root
@@ -167,13 +212,11 @@ class ImageFolderDataset(Dataset):
         self.num_skipped = 0
         self.samples: list[tuple[str, int]] = []
         self.class_spans: list[tuple[int, int]] = []  # [start, stop) of each class's images in samples
+        scanned = scan_folder(root, self.classes, verify, index_cache)
         for c in self.classes:
             cdir = os.path.join(root, c)
-            files = sorted(os.path.join(cdir, f) for f in os.listdir(cdir) if f.lower().endswith(IMG_EXTENSIONS))
-            if verify:
-                good = [f for f in files if _is_readable(f)]
-                self.num_skipped += len(files) - len(good)
-                files = good
+            files, skipped = scanned[c]
+            self.num_skipped += skipped
             if not files:
                 raise DataError(f"class directory {cdir!r} contains no readable images "
                                  f"(extensions {', '.join(IMG_EXTENSIONS)})")
@@ -352,6 +395,8 @@ def dataset_args(section: dict) -> dict:
     if section["name"] == "imagefolder":
         args["root"], args["crop"] = section["root"], section.get("crop", "center")
         args["heldout_share"] = section.get("heldout_share", 0.0)
+        if not section.get("verify", True):  # only when off: the args of every earlier run stay as they were
+            args["verify"] = False
     return args
 
 
@@ -369,7 +414,7 @@ def check_split_classes(root: str) -> None:
                         "add the class directories to match")
 
 
-def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Dataset:
+def build_dataset(cfg_data: dict, split: str, deterministic: bool = False, index_cache: str | None = None) -> Dataset:
     """Build a dataset from the config's ``data`` section. Every dataset has ``num_classes`` and ``classes``.
 
     Keys by name (unknown keys are an error, so typos do not silently fall back to defaults):
@@ -378,6 +423,8 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Da
                    verify (open every file up front, default True), crop (CROPS, default center),
                    heldout_share (root without val/: the last share of every class of train/ is the "val" split and
                    is left out of "train"; default 0, no held-out split)
+      index_cache: a directory keeping image folders' file lists (scan_folder), so a folder is listed and verified
+                   once, not by every process of every run.
       deterministic: every read of an image gives the same view (for a token cache, or a reference set): a random
                    crop is replaced by the centre crop and flips are left out, with a log line saying so.
       mnist:       resolution (default 32), num_classes (must be 10 when given)
@@ -410,7 +457,8 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False) -> Da
                             "to hold out the last share of every training class")
         return ImageFolderDataset(directory, resolution=int(cfg_data.get("resolution", 256)),
                                   train=train, hflip=hflip, num_classes=cfg_data.get("num_classes"),
-                                  verify=bool(cfg_data.get("verify", True)), crop=crop, part=part, held_share=share)
+                                  verify=bool(cfg_data.get("verify", True)), crop=crop, part=part, held_share=share,
+                                  index_cache=index_cache)
     if name == "mnist":
         nc = cfg_data.get("num_classes", MNIST_NUM_CLASSES)
         if nc != MNIST_NUM_CLASSES:

@@ -128,9 +128,10 @@ class TokenStore:
                 idx_BL = torch.where(flip_B.view(-1, 1), self.idx_flip_NL[indices], idx_BL)
             idx_BL = idx_BL.to(self.device)
         else:
-            img = self._images(indices) if images is None else images
+            # To the device first (pinned: asynchronously), then flipped there: the host never touches the pixels.
+            img = (self._images(indices) if images is None else images).to(self.device, non_blocking=True)
             if flip_B is not None:
-                img = torch.where(flip_B.view(-1, 1, 1, 1), img.flip(-1), img)
+                img = torch.where(flip_B.to(self.device, non_blocking=True).view(-1, 1, 1, 1), img.flip(-1), img)
             idx_BL = self._encode(img)
         return idx_BL, self.var_input(idx_BL)
 
