@@ -26,6 +26,7 @@ an explicit argument (config train.kernels -> VAR(logprob_impl=...)), never proc
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,32 @@ IMPLS = ("auto", "naive", "chunked", "triton")
 _CHUNK_ELEMS = 4 * 1024 * 1024
 
 
-def _triton_available() -> bool:
+# triton.knobs (which this package reads for the interpreter flag) arrived in Triton 3.4, the release torch 2.8
+# ships with; pyproject's torch>=2.8 floor brings it. An older Triton (or none) makes "auto" use the chunked path.
+TRITON_MIN = (3, 4)
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:  # once per process: not on every forward of a training run
+        _WARNED.add(msg)
+        log.warning(msg)
+
+
+def _triton_problem() -> str | None:
+    """Why the Triton kernels cannot be used here, or None."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return "triton is not importable"
+    version = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+    if version < TRITON_MIN:
+        return f"triton {triton.__version__} is older than {'.'.join(map(str, TRITON_MIN))}"
+    return None
+
+
+def _triton_available() -> bool:
+    return _triton_problem() is None
 
 
 def check_impl(impl: str) -> str:
@@ -59,11 +80,52 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     """Map "auto" to a concrete implementation name for tensors on `device`."""
     if check_impl(impl) == "auto":
         if device.type == "cuda":
-            if _triton_available():
+            problem = _triton_problem()
+            if problem is None:
                 return "triton"
-            log.warning("triton is not importable; token_logprobs falls back to the chunked torch path on CUDA")
+            _warn_once(f"{problem}; token_logprobs uses the chunked torch path on CUDA")
         return "chunked"
     return impl
+
+
+_COMPILES: dict[tuple, bool] = {}
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    import triton.compiler.errors as ce
+    import triton.runtime.errors as re_
+
+    return tuple(e for e in (ce.CompilationError, getattr(re_, "OutOfResources", None),
+                             getattr(re_, "PTXASError", None), RuntimeError) if e is not None)
+
+
+def triton_compiles(h_NC: torch.Tensor, w_VC: torch.Tensor, b_V: torch.Tensor | None) -> bool:
+    """Whether both Triton kernels compile and run for this device, dtype and head shape: checked once per
+    combination on a 16-row problem, so "auto" can fall back to the chunked path (with one warning) instead of
+    failing in the first forward or, worse, in the first backward."""
+    key = (h_NC.device, h_NC.dtype, tuple(w_VC.shape), b_V is not None)
+    if key not in _COMPILES:
+        _COMPILES[key] = _probe_triton(h_NC, w_VC, b_V)
+    return _COMPILES[key]
+
+
+def _probe_triton(h_NC, w_VC, b_V) -> bool:
+    from var_mclr.kernels import _triton_logprob
+
+    h = h_NC[:16].detach().contiguous()
+    w, b = w_VC.detach().contiguous(), b_V.detach().contiguous() if b_V is not None else None
+    t = torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+    try:
+        with torch.no_grad():
+            _, lse = _triton_logprob.forward(h, w, b, t)
+            _triton_logprob.backward(h, w, b, t, lse, torch.ones_like(lse), True, True, b is not None)
+    except _compile_failures() as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        _warn_once(f"the Triton log-prob kernels failed to compile or run for {h.dtype} on {h.device} "
+                   f"({type(e).__name__}: {str(e)[:200]}); token_logprobs uses the chunked torch path")
+        return False
+    return True
 
 
 def _common_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -90,6 +152,7 @@ def token_logprobs(
         raise ValueError(f"h {tuple(h_NC.shape)} and target {tuple(target_N.shape)} disagree on leading dims")
     if weight_VC.dim() != 2 or weight_VC.shape[1] != h_NC.shape[-1]:
         raise ValueError(f"weight {tuple(weight_VC.shape)} does not match hidden size {h_NC.shape[-1]}")
+    auto = impl == "auto"
     impl = resolve_impl(impl, h_NC.device)
     out_shape = target_N.shape
     h2_NC = h_NC.reshape(-1, h_NC.shape[-1])
@@ -101,6 +164,8 @@ def token_logprobs(
     dtype = _common_dtype(h2_NC, weight_VC)
     h2_NC, w_VC = h2_NC.to(dtype), weight_VC.to(dtype)
     with torch.autocast(h2_NC.device.type, enabled=False):
+        if impl == "triton" and auto and h2_NC.shape[0] and not triton_compiles(h2_NC, w_VC, bias_V):
+            impl = "chunked"
         if impl == "chunked":
             logp_N = _FusedLogprob.apply(h2_NC, w_VC, bias_V, t_N, _Chunked)
         else:
@@ -124,6 +189,15 @@ def _chunk_rows(V: int) -> int:
     return max(1, _CHUNK_ELEMS // max(V, 1))
 
 
+def _has_mm_out_dtype() -> bool:
+    """torch.mm(..., out_dtype=) exists (the aten::mm.dtype overload, torch >= 2.8); before it, CUDA takes the
+    CPU's path (the product rounded to the input dtype, then widened)."""
+    return "dtype" in torch.ops.aten.mm.overloads()
+
+
+_MM_OUT_DTYPE = _has_mm_out_dtype()
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b as float32, multiplied in the inputs' dtype (both share one).
 
@@ -133,7 +207,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     """
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
-    if a.device.type == "cuda":
+    if a.device.type == "cuda" and _MM_OUT_DTYPE:
         if out is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
@@ -145,7 +219,7 @@ def _accumulate_mm_(acc_f32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     """acc += a @ b, acc float32; a and b share a dtype."""
     if a.dtype == torch.float32:
         acc_f32.addmm_(a, b)
-    elif a.device.type == "cuda":
+    elif a.device.type == "cuda" and _MM_OUT_DTYPE:
         acc_f32 += torch.mm(a, b, out_dtype=torch.float32)
     else:
         acc_f32 += torch.mm(a, b)  # bf16 product, widened inside the add (no float32 temporary)
