@@ -11,6 +11,9 @@ import torch
 # the first Triton call), so the flag must be in the environment before that; CI has no GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Where the problems live: the GPU when there is one (compiled Triton kernels on CUDA tensors; bench/gpu_check.py
+# runs this file there), else the CPU (Triton interpreted).
+DEVICE = torch.device(os.environ.get("VAR_MCLR_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -41,7 +44,8 @@ def _problem(N, C, V, dtype=torch.float32, seed=0, n_ignored=0, bias=True, lead=
     gout = torch.randn(N, generator=g)  # arbitrary per-token weights: the backward must not assume a mean
     if lead is not None:
         h, t, gout = h.reshape(*lead, C), t.reshape(lead), gout.reshape(lead)
-    return h.to(dtype), w.to(dtype), (b.to(dtype) if b is not None else None), t, gout
+    return (h.to(DEVICE, dtype), w.to(DEVICE, dtype), (b.to(DEVICE, dtype) if b is not None else None), t.to(DEVICE),
+            gout.to(DEVICE))
 
 
 def _run(impl, h, w, b, t, gout, upcast=False):
@@ -146,7 +150,7 @@ def test_triton_vocab_splits_merge_exactly():
 def test_autocast_follows_the_autocast_dtype(small_chunks):
     h, w, b, t, _ = _problem(11, 16, 37)
     ref = token_logprobs(h, w, b, t, impl="naive")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         got = token_logprobs(h, w, b, t, impl="chunked")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=5e-2)
