@@ -116,3 +116,8 @@ def test_verification_is_a_setting(tmp_path, monkeypatch):
                              "data.verify=false"])
     args = data.dataset_args(cfg.to_dict()["data"])
     assert args["verify"] is False and len(data.build_dataset(args, "train")) == 6
+
+
+def test_fsdp_is_refused_before_any_work_until_checkpoints_gather_sharded_state():
+    with pytest.raises(ConfigError, match="cannot yet save or resume sharded weights"):
+        resolve_batch(_cfg("train.global_batch=8"), 2, torch.device("cpu"), "fsdp")
