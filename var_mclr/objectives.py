@@ -176,8 +176,10 @@ def get_objective(name: str) -> Objective:
 def objective_loss(objective: Objective, cfg: LossConfig, var, ref, plan: ClassPlan, idx_BL: torch.Tensor,
                    x_BLCv: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One teacher-forced pass over every (image, class) row of the plan, then the objective's loss."""
-    classes_BK = plan.classes_BK.to(idx_BL.device)
-    mask_BK = plan.mask_BK.to(idx_BL.device)
+    # non_blocking: a blocking copy from host memory waits for the whole GPU queue (a host sync every micro-step);
+    # the plan's tensors are fresh per step, so the copy may run behind the host.
+    classes_BK = plan.classes_BK.to(idx_BL.device, non_blocking=True)
+    mask_BK = plan.mask_BK.to(idx_BL.device, non_blocking=True)
     l_BK = loglik_under_classes(var, classes_BK, x_BLCv, idx_BL)
     lref_BK = None
     if objective.needs_reference:

@@ -126,7 +126,7 @@ class TokenStore:
             idx_BL = self.idx_NL[indices]
             if flip_B is not None and self.idx_flip_NL is not None:
                 idx_BL = torch.where(flip_B.view(-1, 1), self.idx_flip_NL[indices], idx_BL)
-            idx_BL = idx_BL.to(self.device)
+            idx_BL = idx_BL.to(self.device, non_blocking=True)  # a fresh tensor: no host sync for its copy
         else:
             # To the device first (pinned: asynchronously), then flipped there: the host never touches the pixels.
             img = (self._images(indices) if images is None else images).to(self.device, non_blocking=True)
