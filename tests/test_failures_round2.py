@@ -368,3 +368,11 @@ def test_a_truncated_cached_comparison_is_named_and_compared_again(tmp_path, cap
     assert any(str(path) in r.getMessage() and "comparing again" in r.getMessage() for r in caplog.records)
     path.write_text('[{"name": "base", "fid": 3.1}]')
     assert _cached_results(path) == [{"name": "base", "fid": 3.1}]
+
+
+def test_the_same_folder_spelled_with_a_trailing_slash_resumes(tmp_path):
+    root = _folder(tmp_path / "d", per_class=3)
+    _tokenizer_run(tmp_path, root, "tok")
+    for name in ("model.safetensors", "model.json"):
+        (tmp_path / "tok" / name).unlink()
+    _tokenizer_run(tmp_path, f"{root}/", "tok")  # resumes from step 4: no refusal

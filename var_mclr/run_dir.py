@@ -63,6 +63,12 @@ def _lookup(tree: dict, dotted: str):
     return tree
 
 
+def _identity(tree: dict, dotted: str):
+    """A key's value as the identity check compares it: paths without a trailing slash or ./ (the same folder)."""
+    value = _lookup(tree, dotted)
+    return os.path.normpath(value) if dotted == "data.root" and isinstance(value, str) else value
+
+
 def _holder(fd: int) -> str:
     text = os.pread(fd, 200, 0).decode(errors="replace").strip()
     return text or "unknown (still starting)"
@@ -132,7 +138,7 @@ def claim_run_dir(out_dir: Path, cfg: Config, fresh: bool) -> None:
     new = cfg.to_dict()
     for source, old in _recorded_configs(out_dir):
         changed = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in identity_keys()
-                   if _lookup(old, k) != _lookup(new, k)]
+                   if _identity(old, k) != _identity(new, k)]
         if changed:
             raise RunDirError(f"{out_dir} holds a run of another objective or architecture "
                               f"({'; '.join(changed)}; recorded in {source.name}); choose another run.out_dir, or "
