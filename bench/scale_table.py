@@ -4,7 +4,8 @@
     python bench/scale_table.py [--gpu-tflops 312 --mfu 0.35]
 
 For every config and objective it takes the shipped settings when they fit; otherwise the first that fits of
-train.micro_batch = auto, then activation checkpointing, then FSDP, then FSDP with checkpointing. Writes markdown to stdout.
+train.micro_batch = auto, then activation checkpointing, then FSDP, then FSDP with checkpointing. Writes markdown to
+stdout.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def cell(cfg, world, memory, tflops, mfu) -> str:
     name, p = first_fit(cfg, world, memory, tflops, mfu)
     if name is None:
         return f"does not fit ({p.peak / 1e9:.0f} GB)"
+    if name.startswith("FSDP"):  # train.py refuses FSDP for now (var_mclr.plan.FSDP_NOT_YET)
+        name = f"needs {name} (not yet in train.py)"
     return f"{name}: {p.micro_batch} x {p.grad_accum}, {p.peak / 1e9:.0f} GB, {p.epoch_s / 3600:.1f} h"
 
 
