@@ -161,6 +161,11 @@ def test_one_image_per_class_cannot_be_held_out(tmp_path):
         with pytest.raises(DataError, match=r"data.heldout_share = 0.1: class directory .*train/a' holds 1 readable "
                                             r"image\(s\); holding part of it out needs at least 2"):
             build_dataset(_folder_data(root, heldout_share=0.1), split)
+    from var_mclr.data import DataError
+
+    with pytest.raises(DataError, match="holding part of it out needs at least 2"):
+        _tokenizer_run(tmp_path, root, "tok")
+    assert not (tmp_path / "tok").exists()  # not even an empty run directory is left
 
 
 # ---- weights and their hyperparameters are one unit ---------------------------------------------------------------
@@ -300,7 +305,7 @@ def test_a_fixed_cap_below_the_starting_ratios_is_refused(tmp_path, monkeypatch)
     assert str(err.value) == ("loss.mclr.tau = 0.05 caps 100% of the training pairs from step 0 (the starting model's "
                               "mean log-ratio per token is 0.5), so MCLR would be the nll control; use loss.mclr.tau "
                               "= auto (2 x the mean) or a number above 0.5")
-    assert not (tmp_path / "a" / "config.yaml").exists() and not (tmp_path / "a" / "tb").exists()
+    assert not (tmp_path / "a").exists()  # refused before anything was written: not even an empty directory
     tree["loss"]["mclr"]["tau"] = 1.0  # above the starting ratios: trains
     train(load_config(write_cfg(tmp_path, tree, "a")))
 

@@ -99,8 +99,10 @@ def _acquire(path: Path) -> int:
 
 @contextlib.contextmanager
 def run_dir_lock(out_dir: Path) -> Iterator[Path]:
-    """Hold out_dir for this process until the block ends (RunDirError naming the holder's PID if another has it)."""
+    """Hold out_dir for this process until the block ends (RunDirError naming the holder's PID if another has it).
+    A directory this call created is removed again if the run left nothing in it (refused before writing)."""
     path = out_dir / LOCK_FILE
+    created = not out_dir.exists()
     try:  # a file in the way, a read-only mount, no permission: the user's to fix, named in one line
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path)
@@ -112,6 +114,9 @@ def run_dir_lock(out_dir: Path) -> Iterator[Path]:
     finally:
         path.unlink(missing_ok=True)  # while still locked, so no one locks the file just before it disappears
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty (the run wrote something), or taken by another run
+                out_dir.rmdir()
 
 
 def has_trained(out_dir: Path) -> bool:
