@@ -121,3 +121,38 @@ def test_verification_is_a_setting(tmp_path, monkeypatch):
 def test_fsdp_is_refused_before_any_work_until_checkpoints_gather_sharded_state():
     with pytest.raises(ConfigError, match="cannot yet save or resume sharded weights"):
         resolve_batch(_cfg("train.global_batch=8"), 2, torch.device("cpu"), "fsdp")
+
+
+def test_a_global_batch_trains_like_one_micro_batch_and_is_logged(tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import load_file
+    from test_train import tiny_run_tree, write_cfg
+    from var_mclr.train import train
+
+    whole = tiny_run_tree(tmp_path, "whole", steps=3, batch_size=8)
+    split = tiny_run_tree(tmp_path, "split", steps=3, global_batch=8, micro_batch=4)
+    with caplog.at_level(logging.INFO, logger="var_mclr.train"):
+        a = load_file(train(load_config(write_cfg(tmp_path, whole, "whole"))))
+        b = load_file(train(load_config(write_cfg(tmp_path, split, "split"))))
+    assert "global batch 8 = micro-batch 4 x 1 processes x 2 accumulation; peak lr 0.003" in caplog.text
+    assert "world size 1" in caplog.text
+    for k in a:  # the same images per step, the loss averaged over two halves instead of at once
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+
+class _Props:
+    total_memory = 80e9
+
+
+def test_on_cuda_a_config_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    cfgs = Path(__file__).resolve().parents[1] / "configs"
+    big = load_config(cfgs / "var_d30.yaml", ["train.micro_batch=16"], check_files=False)
+    with pytest.raises(ConfigError, match=r"needs 1\d\d\.\d GB per GPU.*train\.micro_batch=\d+ \(or auto\)"):
+        resolve_batch(big, 8, torch.device("cuda"))
+    auto = load_config(cfgs / "var_d30.yaml", ["train.micro_batch=auto"], check_files=False)
+    micro, accum = resolve_batch(auto, 8, torch.device("cuda"))
+    assert micro * 8 * accum == 256 and micro >= 2  # the largest that fits (tests/test_plan.py checks "largest")
