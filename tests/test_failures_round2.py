@@ -381,3 +381,31 @@ def test_the_same_folder_spelled_with_a_trailing_slash_resumes(tmp_path):
     for name in ("model.safetensors", "model.json"):
         (tmp_path / "tok" / name).unlink()
     _tokenizer_run(tmp_path, f"{root}/", "tok")  # resumes from step 4: no refusal
+
+
+def test_a_resume_from_another_model_init_is_refused(tmp_path):
+    from conftest import tiny_var
+    from var_mclr.checkpoints import save_model
+    from var_mclr.run_dir import RunDirError
+
+    for name, seed in (("b1", 0), ("b2", 1)):
+        save_model(tiny_var(tiny_vae(), num_classes=4, seed=seed), tmp_path / f"{name}.safetensors")
+    _run(tmp_path, "ft", steps=4, tree_update={"model": {"init": str(tmp_path / "b1.safetensors")}})
+    with pytest.raises(RunDirError, match=r"step_0000004 was trained from model.init .*b1.safetensors and this config "
+                                          r"gives .*b2.safetensors"):
+        _run(tmp_path, "ft", steps=8, tree_update={"model": {"init": str(tmp_path / "b2.safetensors")}})
+
+
+def test_a_truncated_token_cache_is_named_and_encoded_again(tmp_path, caplog):
+    from var_mclr.data import build_dataset
+    from var_mclr.tokens import TokenStore
+
+    ds = build_dataset({"name": "synthetic", "resolution": 16, "num_classes": 4}, "train")
+    first = TokenStore(ds, tiny_vae(), torch.device("cpu"), str(tmp_path), "k", with_flips=False)
+    (path,) = tmp_path.glob("tokens-*.safetensors")
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="var_mclr.tokens"):
+        again = TokenStore(ds, tiny_vae(), torch.device("cpu"), str(tmp_path), "k", with_flips=False)
+    assert any(str(path) in r.getMessage() and "encoding again" in r.getMessage() for r in caplog.records)
+    assert torch.equal(first.idx_NL, again.idx_NL)
+    TokenStore(ds, tiny_vae(), torch.device("cpu"), str(tmp_path), "k", with_flips=False)  # rewritten: a hit

@@ -59,6 +59,22 @@ def tokenizer_fingerprint(vae: VQVAE) -> str:
     return h.hexdigest()[:16]
 
 
+def _read_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """A token cache file, or None to encode again: missing, or unreadable (cut short by a full disk or a copy),
+    which is said naming the file; encoding again rewrites it."""
+    if not path.is_file():
+        return None
+    try:
+        cached = load_file(path)
+    except Exception as e:  # safetensors' errors do not name the file
+        log.warning("token cache %s is unreadable (%s: %s); encoding again", path, type(e).__name__, e)
+        return None
+    if "idx" not in cached:
+        log.warning("token cache %s holds no token ids; encoding again", path)
+        return None
+    return cached
+
+
 class TokenStore:
     """Serves (idx_BL, x_BLCv_wo_first_l) for dataset indices, optionally horizontally flipped."""
 
@@ -90,8 +106,8 @@ class TokenStore:
                              "build_dataset(..., deterministic=True) or set data.cache_tokens=false")
         key = hashlib.sha256(f"{dataset_fingerprint(self.ds)}|{tokenizer_fingerprint(self.vae)}".encode())
         path = cache_dir / f"tokens-{data_key}-{key.hexdigest()[:16]}.safetensors"
-        if path.is_file():
-            cached = load_file(path)
+        cached = _read_cache(path)
+        if cached is not None:
             self.idx_NL, self.idx_flip_NL = cached["idx"].long(), cached.get("idx_flip")
             if self.idx_flip_NL is not None:
                 self.idx_flip_NL = self.idx_flip_NL.long()
