@@ -139,7 +139,8 @@ def claim_run_dir(out_dir: Path, cfg: Config, fresh: bool) -> None:
     if not checkpoint_dirs(out_dir):  # rerunning would train from step 0 and replace the result
         raise RunDirError(f"{out_dir / 'model.safetensors'} is a finished result and {out_dir / 'checkpoints'} is "
                           "gone, so this run cannot resume: it would train again from scratch over it (nothing was "
-                          "overwritten); choose another run.out_dir, or rerun with --fresh to replace it")
+                          "overwritten); to train on from it, use another run.out_dir with model.init set to it; "
+                          "to replace it, rerun with --fresh")
     new = cfg.to_dict()
     for source, old in _recorded_configs(out_dir):
         changed = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in identity_keys()
