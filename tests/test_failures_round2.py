@@ -332,6 +332,7 @@ def test_an_out_dir_that_cannot_hold_a_run_is_named(tmp_path, monkeypatch, case)
         _run(tmp_path, "x", steps=1, tree_update={"run": {"out_dir": str(tmp_path / name)}})
     assert str(err.value).startswith(f"run.out_dir {tmp_path / name} cannot hold a run: ") and "\n" not in str(
         err.value), str(err.value)
+    assert ("it is a file, not a directory" in str(err.value)) == (case == "a file")
 
 
 # ---- the pipeline: every setting checked before the first stage trains ------------------------------------------

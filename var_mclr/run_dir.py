@@ -103,6 +103,9 @@ def run_dir_lock(out_dir: Path) -> Iterator[Path]:
     A directory this call created is removed again if the run left nothing in it (refused before writing)."""
     path = out_dir / LOCK_FILE
     created = not out_dir.exists()
+    if out_dir.exists() and not out_dir.is_dir():  # mkdir would say only "File exists"
+        raise RunDirError(f"run.out_dir {out_dir} cannot hold a run: it is a file, not a directory; choose another "
+                          "run.out_dir")
     try:  # a file in the way, a read-only mount, no permission: the user's to fix, named in one line
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path)
