@@ -70,8 +70,9 @@ def check_fixed_tau(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: 
                           f"starting model's mean log-ratio per token is {mean:.3g}), so MCLR would be the nll "
                           f"control; use loss.mclr.tau = auto ({loss_cfg.mclr.tau_multiple:g} x the mean) or a "
                           f"number above {mean:.3g}")
-    log.info("loss.mclr.tau = %g: %.0f%% of training pairs start at or past the cap (mean log-ratio per token %.4f)",
-             tau, 100 * capped, mean)
+    # Half or more capped from step 0: MCLR acts on few pairs; allowed (a deliberate tight cap), but said loudly.
+    log.log(logging.WARNING if capped >= 0.5 else logging.INFO, "loss.mclr.tau = %g: %.0f%% of training pairs start "
+            "at or past the cap (mean log-ratio per token %.4f)", tau, 100 * capped, mean)
 
 
 def resolve_auto_tau(var, tokens: TokenStore, loss_cfg: LossConfig, num_classes: int, seed: int) -> float:
