@@ -156,3 +156,44 @@ def test_on_cuda_a_config_that_does_not_fit_is_refused_naming_the_keys(monkeypat
     auto = load_config(cfgs / "var_d30.yaml", ["train.micro_batch=auto"], check_files=False)
     micro, accum = resolve_batch(auto, 8, torch.device("cuda"))
     assert micro * 8 * accum == 256 and micro >= 2  # the largest that fits (tests/test_plan.py checks "largest")
+
+
+def _poisoned_run(tmp_path, monkeypatch, name: str, device_skip: bool, bad_calls, **train_overrides):
+    """A tiny run whose loss is NaN at the given objective_loss calls, with the fused AdamW, the host deciding each
+    step (device_skip False, the CPU's way) or the device skipping and the host reading the flags at log steps."""
+    import var_mclr.train as train_mod
+    from safetensors.torch import load_file
+    from test_train import tiny_run_tree, write_cfg
+
+    real_loss, real_opt = train_mod.objective_loss, train_mod.make_optimizer
+    calls = {"n": 0}
+
+    def poisoned(cfg, *args):
+        loss, stats = real_loss(cfg, *args)
+        calls["n"] += 1
+        return (loss * float("nan") if bad_calls(calls["n"]) else loss), stats
+
+    def fused(cfg, var):
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in real_opt(cfg, var).param_groups]
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=True)
+    monkeypatch.setattr(train_mod, "objective_loss", poisoned)
+    monkeypatch.setattr(train_mod, "make_optimizer", fused)
+    monkeypatch.setattr(train_mod, "device_skip_available", lambda *a: device_skip)
+    tree = tiny_run_tree(tmp_path, name, steps=10, **train_overrides)
+    tree["run"].update(log_every=4, ckpt_every=100)
+    return load_file(train_mod.train(load_config(write_cfg(tmp_path, tree, name))))
+
+
+def test_a_step_skipped_on_the_device_is_the_step_the_host_skips(tmp_path, monkeypatch):
+    bad = {3, 7}.__contains__  # isolated non-finite steps, read back only at log steps (every 4th)
+    host = _poisoned_run(tmp_path, monkeypatch, "host", False, bad)
+    device = _poisoned_run(tmp_path, monkeypatch, "device", True, bad)
+    for k in host:
+        assert torch.equal(host[k], device[k]), k
+
+
+def test_a_run_of_non_finite_steps_still_stops_when_skipped_on_the_device(tmp_path, monkeypatch):
+    from var_mclr.train import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row at step [4-9]"):
+        _poisoned_run(tmp_path, monkeypatch, "stop", True, lambda n: n >= 3, max_nonfinite_in_row=3)

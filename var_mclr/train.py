@@ -34,6 +34,7 @@ from var_mclr.config import Config, ConfigError, run_from_command_line, save_con
 from var_mclr.data import build_dataset, dataset_args
 from var_mclr.objectives import get_objective, objective_loss
 from var_mclr.plan import resolve_batch, sharding_of
+from var_mclr.step_skip import PendingSteps, device_skip_available, skip_unless
 from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
 from var_mclr.heldout import HeldoutTracker, is_improvement
@@ -131,7 +132,9 @@ def make_optimizer(cfg: Config, var: torch.nn.Module) -> torch.optim.Optimizer:
         skip = p.ndim == 1 or name.endswith("bias") or any(k in name for k in NO_WEIGHT_DECAY_KEYS)
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    # fused on CUDA: one kernel for the whole update, and it can skip a non-finite step on the device (step_skip.py)
+    fused = any(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=fused or None)
 
 
 @contextlib.contextmanager
@@ -279,6 +282,7 @@ def _train(cfg: Config) -> Path:
     accelerator.init_trackers("var-mclr", init_kwargs={"wandb": {"name": out_dir.name}})
     global_batch = t.batch_size * world
     nonfinite_in_row = 0
+    pending, device_skip = PendingSteps(), device_skip_available(optimizer, device, t.mixed_precision)
     progress = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, desc=t.objective,
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in progress:
@@ -303,22 +307,31 @@ def _train(cfg: Config) -> Path:
             loss_sum += loss.detach()
             for k, v in stats.items():  # kept on the device; reduced across processes only at log steps
                 stats_sum[k] = stats_sum.get(k, 0.0) + v.detach() / t.grad_accum
-        # One host sync per step decides whether to update: a non-finite loss on any process, or a non-finite
-        # gradient norm (the same on every process after DDP's all-reduce), skips the step.
+        # A non-finite loss on any process, or a non-finite gradient norm (the same on every process after DDP's
+        # all-reduce), skips the step. On CUDA the fused AdamW skips it on the device and the host reads the
+        # outcome at the next log or checkpoint step (var_mclr/step_skip.py): no host sync in between.
         grad_norm = accelerator.clip_grad_norm_(var.parameters(), t.grad_clip)
-        finite = bool(torch.isfinite(accelerator.reduce(loss_sum, "sum")) & torch.isfinite(torch.as_tensor(grad_norm)))
-        if finite:
+        finite = torch.isfinite(accelerator.reduce(loss_sum, "sum")) & torch.isfinite(torch.as_tensor(grad_norm))
+        pending.append(step, finite)
+        if device_skip:
+            skip_unless(optimizer, finite)
             optimizer.step()
-            nonfinite_in_row = 0
-            last_ckpt = last_ckpt or resumed_from  # it gave a finite step: a good checkpoint to name
-        else:
+        settle = (not device_skip or step % cfg.run.log_every == 0 or (step + 1) % cfg.run.ckpt_every == 0
+                  or step == t.steps - 1)
+        for at, updated in pending.settle() if settle else []:
+            if updated:
+                if not device_skip:
+                    optimizer.step()
+                nonfinite_in_row = 0
+                last_ckpt = last_ckpt or resumed_from  # it gave a finite step: a good checkpoint to name
+                continue
             nonfinite_total += 1
             nonfinite_in_row += 1
             log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in total)",
-                        step, nonfinite_in_row, nonfinite_total)
+                        at, nonfinite_in_row, nonfinite_total)
             if nonfinite_in_row >= t.max_nonfinite_in_row:
                 raise NonFiniteLossError(
-                    f"{nonfinite_in_row} non-finite steps in a row at step {step}; stopping. "
+                    f"{nonfinite_in_row} non-finite steps in a row at step {at}; stopping. "
                     f"{_last_good(last_ckpt, resumed_from)}; lower train.lr or check the objective's settings")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
