@@ -11,8 +11,8 @@ Memory per GPU is the sum of
   x micro-batch x L x width x a per-token constant per block. The constants (ACTIVATION_BYTES) were measured on the
   CPU with torch.profiler at the real widths and L = 680 by bench/plan_constants.py; they do not depend on the width.
   With train.activation_checkpointing a block keeps only its 4-byte input and one block is recomputed at a time;
-- the peak is the larger of the forward/backward phase and the optimizer step (where AdamW's foreach path adds one
-  fp32 temporary per parameter on CUDA).
+- the peak is the largest of the forward/backward phase, the optimizer step (grads alive; train.py's AdamW is fused
+  on CUDA, one kernel without per-parameter temporaries) and the tokenizer's encode.
 A config fits when the peak stays under HEADROOM of the GPU's memory (the rest: CUDA context, NCCL, fragmentation).
 
 Time: forward FLOPs per row = 24 L C^2 per block (qkv, proj, two FFN matmuls) + 4 L^2 C per block (attention, masked
@@ -179,17 +179,16 @@ def memory_plan(cfg: Config, world: int, micro_batch: int, sharding: str = "ddp"
     fixed = sum(mem.values())
     acts = activation_bytes(cfg, a, rows, device)
     grads = 4 * P / split
-    opt_temp = 4 * P / split if device == "cuda" else 0.0  # AdamW foreach: one float32 sqrt(v) per parameter
     encode = 0.0 if cfg.data.cache_tokens else ENCODE_BYTES_PER_PIXEL * a.image_pixels * micro_batch
-    mem.update({"grads (fp32)": grads, **acts, "AdamW step temporary": opt_temp,
-                "tokenizer encode (transient)": encode})
+    mem.update({"grads (fp32)": grads, **acts, "tokenizer encode (transient)": encode})
     # Grads of earlier micro-batches are alive during the forward when accumulating; else only the backward makes
     # them, while it frees activations, so the backward's peak is near its start.
     held_grads = grads if accum > 1 else 0.0
     kept = acts["activations (blocks)"] + acts["activations (embeddings, head)"]
     transient = max(acts["head backward workspace"], acts["recomputed block (checkpointing)"])
     phases = {"forward/backward": fixed + held_grads + kept + transient,
-              "optimizer step": fixed + grads + opt_temp - mem.get("autocast bf16 weight copies", 0.0),
+              # train.py's AdamW is fused on CUDA and single-tensor on the CPU: no model-sized temporaries
+              "optimizer step": fixed + grads - mem.get("autocast bf16 weight copies", 0.0),
               "tokenizer encode": fixed + held_grads + encode}
     return Plan(world=world, micro_batch=micro_batch, grad_accum=accum, rows=rows, memory=mem, phases=phases,
                 gpu_memory=gpu_memory_gb * GB)
