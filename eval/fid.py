@@ -26,8 +26,8 @@ from tqdm import tqdm
 from eval.features import (OWN_DATA_NETWORKS, FeatureNet, NetOutputs, Reference, dinov2_net, embedded_reference,
                            file_reference, inception_net)
 from eval.grid import class_names, labelled_grid, save_png
-from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, inception_score, precision_recall,
-                          to_uint8_nhwc)
+from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, frechet_distance_few_samples,
+                          inception_score, precision_recall, to_uint8_nhwc)
 from eval.run_data import DataSpecError, own_classifier_net, recorded_data
 from eval.sampling_run import balanced_labels, code_version, load_models, sample_set
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args
@@ -42,8 +42,11 @@ log = logging.getLogger("eval.fid")
 
 def score(o: NetOutputs, labels_N: torch.Tensor, net: FeatureNet, ref: Reference, device, num_classes: int) -> dict:
     """ADM's metrics: FID against ref's statistics, precision/recall (k=3) against ref's features, IS (10 splits)."""
-    mu, sigma = feature_statistics(o.features_ND)
-    out = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "precision": None, "recall": None,
+    if len(o.features_ND) <= o.features_ND.shape[1]:  # fewer samples than dimensions: the exact low-rank form
+        fid = frechet_distance_few_samples(o.features_ND, ref.mu, ref.sigma)
+    else:
+        fid = frechet_distance(*feature_statistics(o.features_ND), ref.mu, ref.sigma)
+    out = {"fid": fid, "precision": None, "recall": None,
            "inception_score": None, "class_accuracy": None}
     if ref.features_ND is not None:
         out["precision"], out["recall"] = precision_recall(ref.features_ND, o.features_ND, k=3, device=device)

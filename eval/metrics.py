@@ -76,6 +76,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
 
+def frechet_distance_few_samples(feats_ND, mu2, sigma2) -> float:
+    """The Frechet distance of N <= D features to (mu2, sigma2), exactly and without a D x D square root.
+
+    The features' covariance S1 = A A^T (A = centred features^T / sqrt(N - 1), D x N) has rank < N, and the nonzero
+    eigenvalues of S1 S2 are those of the symmetric N x N matrix A^T S2 A, so tr (S1 S2)^(1/2) is the sum of their
+    square roots. This is the value frechet_distance approximates through sqrtm of a singular product (its eps
+    fallback), at O(D^2 N) instead of O(D^3): small evaluations in 2048-d Inception features take a second, not half
+    a minute."""
+    f = _as_numpy64(feats_ND)
+    mu2, s2 = np.atleast_1d(_as_numpy64(mu2)), np.atleast_2d(_as_numpy64(sigma2))
+    n, d = f.shape
+    if not 2 <= n <= d or mu2.shape != (d,) or s2.shape != (d, d):
+        raise ValueError(f"need 2 <= N <= D features (N={n}, D={d}) and statistics of size D; got mu2 {mu2.shape}, "
+                         f"sigma2 {s2.shape}")
+    mu1 = f.mean(axis=0)
+    a = (f - mu1).T / np.sqrt(n - 1)
+    eig = np.linalg.eigvalsh(a.T @ s2 @ a)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (a * a).sum() + np.trace(s2) - 2.0 * tr_covmean)
+
+
 def frechet_distance_of_features(feats1_ND, feats2_MD) -> float:
     """Frechet distance between the Gaussians fitted to two feature sets."""
     return frechet_distance(*feature_statistics(feats1_ND), *feature_statistics(feats2_MD))

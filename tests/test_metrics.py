@@ -169,3 +169,17 @@ def test_npz_rejects_wrong_dtype_and_shape(tmp_path):
         load_samples_npz(str(tmp_path / "c.npz"))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         to_uint8_nhwc(torch.zeros(2, 4, 4, 3))
+
+
+@pytest.mark.parametrize("n, d", [(20, 50), (40, 40), (10, 300)])
+def test_few_sample_frechet_distance_is_the_sqrtm_value(n, d):
+    """N <= D: the low-rank form gives what sqrtm of the singular product gives, without a D x D square root."""
+    from eval.metrics import frechet_distance_few_samples
+
+    rng = np.random.default_rng(n + d)
+    f, r = rng.standard_normal((n, d)), rng.standard_normal((500, d)) * 1.3 + 0.2
+    mu2, s2 = feature_statistics(r)
+    assert frechet_distance_few_samples(f, mu2, s2) == pytest.approx(
+        frechet_distance(*feature_statistics(f), mu2, s2), rel=1e-6)
+    with pytest.raises(ValueError, match="N <= D"):
+        frechet_distance_few_samples(rng.standard_normal((d + 1, d)), mu2, s2)
