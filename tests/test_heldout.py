@@ -121,10 +121,13 @@ def test_a_best_file_from_another_evaluation_is_refused(tmp_path):
     tree["run"].update(eval_every=2, eval_images=16)
     cfg_path = write_cfg(tmp_path, tree, "b")
     train(load_config(cfg_path))
-    info_path = tmp_path / "b" / "best.json"
-    info = json.loads(info_path.read_text())
+    from safetensors.torch import load_file, save_file
+    from var_mclr.checkpoints import INFO_KEY, read_model_info
+
+    best = tmp_path / "b" / "best.safetensors"  # its hyperparameters travel inside it (checkpoints.save_model)
+    info = read_model_info(best)
     info["selected"]["step"] = 99  # e.g. left by an earlier, different run
-    info_path.write_text(json.dumps(info))
+    save_file(load_file(best), best, metadata={INFO_KEY: json.dumps(info)})
     (tmp_path / "b" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="best.safetensors holds the weights of"):
         train(load_config(cfg_path))
