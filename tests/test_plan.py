@@ -88,3 +88,10 @@ def test_a_global_batch_the_processes_cannot_make_is_refused():
     assert plan_mod.micro_batch_options(cfg, 3) == []
     with pytest.raises(ValueError, match="does not divide"):
         plan_mod.plan_config(cfg, 3, 80.0)
+
+
+def test_a_per_process_config_is_told_to_set_the_global_batch_with_the_micro_batch():
+    cfg = load_config(CONFIGS / "var_d30.yaml", ["train.global_batch=null", "train.micro_batch=null",
+                                                 "train.batch_size=16", "train.grad_accum=2"], check_files=False)
+    hints = plan_mod.fix_hints(cfg, 8, 80.0, "ddp")
+    assert hints[0].startswith("train.global_batch=256 with train.micro_batch=")

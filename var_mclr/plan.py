@@ -287,10 +287,12 @@ def fix_hints(cfg: Config, world: int, gpu_memory_gb: float, sharding: str) -> l
         return None
 
     gb = dict(global_batch=global_batch_of(cfg, world))
+    # a config in the per-process form (batch_size, grad_accum) takes a micro-batch only with a global batch
+    pre = "" if cfg.train.global_batch else f"train.global_batch={gb['global_batch']} with "
     if (m := fits({**gb, "micro_batch": "auto"})) is not None:
-        hints.append(f"train.micro_batch={m} (or auto)")
+        hints.append(f"{pre}train.micro_batch={m} (or auto)")
     if not cfg.train.activation_checkpointing and (m := fits({**gb, "activation_checkpointing": True})):
-        hints.append(f"train.activation_checkpointing=true with train.micro_batch={m}")
+        hints.append(f"{pre}train.activation_checkpointing=true with train.micro_batch={m}")
     for ckpt in (False, True):
         if sharding != "fsdp" and (m := fits({**gb, "activation_checkpointing": ckpt}, "fsdp")):
             hints.append(f"sharding (FSDP, configs/accelerate/fsdp.yaml, with train.micro_batch={m}"
