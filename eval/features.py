@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -199,7 +200,11 @@ def file_reference(net: FeatureNet, path: str, resolution: int, device) -> Refer
     """An ADM-style .npz, read as ADM's evaluator reads it: FID against the stored mu/sigma when present (ADM's
     reference batches hold whole-dataset statistics next to 10k images), precision/recall against its arr_0 images'
     features; FID statistics are computed from the images only when the file stores none."""
-    with np.load(path) as z:
+    if not Path(path).is_file():
+        raise FileNotFoundError("file not found")
+    if not zipfile.is_zipfile(path):  # np.load would blame pickled data for any other file
+        raise ValueError("not an .npz archive (ADM's layout: arr_0 uint8 images and/or mu, sigma)")
+    with np.load(path, allow_pickle=False) as z:
         has_images, has_stats = "arr_0" in z.files, {"mu", "sigma"} <= set(z.files)
     if not has_images and not has_stats:
         raise ValueError(f"reference {path}: expected arr_0 images and/or mu, sigma statistics")

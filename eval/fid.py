@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import json
 import logging
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,9 @@ from eval.sampling_run import balanced_labels, code_version, load_models, sample
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args
 from eval.shards import (Shard, fingerprint, images_of_classes, read_shard, shard_dir, shard_path,
                          stream_samples_npz, write_shard)
-from var_mclr.errors import reporting_user_errors
+from var_mclr.errors import UserError, reporting_user_errors
 from var_mclr.files import file_sha256, write_text_atomic
+from var_mclr.hub import local_path
 from var_mclr.run_dir import run_dir_lock
 
 log = logging.getLogger("eval.fid")
@@ -219,9 +222,28 @@ def feature_backend(args: EvalSettings, resolution: int, device, data: dict | No
         net, _ = own_classifier_net(data, Path(args.cache_dir))
         return net, embedded_reference(net, data, device)
     args.check()  # a reference only with the features that read one
-    net = inception_net(args.inception_weights, device, args.class_map) if args.features == "inception" \
-        else dinov2_net(args.dinov2_path, device)
-    return net, file_reference(net, args.reference, resolution, device)
+    flag = "--inception-weights" if args.features == "inception" else "--dinov2-path"
+    with named_file_errors(flag, args.inception_weights if args.features == "inception" else args.dinov2_path):
+        net = inception_net(local_file(args.inception_weights), device, args.class_map) \
+            if args.features == "inception" else dinov2_net(local_file(args.dinov2_path), device)
+    with named_file_errors("--reference", args.reference):
+        return net, file_reference(net, local_path(args.reference), resolution, device)
+
+
+def local_file(path: str | None) -> str | None:
+    return None if path is None else local_path(path)
+
+
+@contextlib.contextmanager
+def named_file_errors(flag: str, path: str | None):
+    """A file that cannot be read as what flag expects: one line naming the flag and the file, before sampling."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SettingsError(f"{flag} {path}: {first}") from e
 
 
 # Where `make demo` (experiments.demo) writes its stages; without --ckpt, fid.py scores the newest MCLR model there.

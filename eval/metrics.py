@@ -121,6 +121,8 @@ def load_statistics(path: str, expected_dim: int | None = None) -> tuple[np.ndar
         mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu must be (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: its mu/sigma statistics hold NaN or inf values")
     if expected_dim is not None and mu.shape[0] != expected_dim:
         raise ValueError(f"{path}: reference statistics have feature size {mu.shape[0]}, but the feature network "
                          f"gives {expected_dim}; they were computed with a different network")
