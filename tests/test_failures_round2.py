@@ -94,6 +94,9 @@ def test_a_key_given_twice_is_refused_naming_the_line(tmp_path):
     path.write_text("train:\n  lr: 1.0e-4\n  lr: 3.0e-4\n")
     with pytest.raises(ConfigError, match=r":3:3: malformed YAML: duplicate key 'lr'"):
         load_config(path, check_files=False)
+    path.write_text("train:\n  ? [a, b]\n  : 1\n")  # a key the duplicate check cannot hash: PyYAML's own error
+    with pytest.raises(ConfigError, match=r":2:5: malformed YAML: found unhashable key"):
+        load_config(path, check_files=False)
 
 
 # ---- image folders: classes by name, pixels read right, problems named before any work --------------------------
