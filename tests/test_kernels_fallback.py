@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import var_mclr.kernels.logprob as lp  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = torch.device(os.environ.get("VAR_MCLR_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 needs_triton = pytest.mark.skipif(not lp._triton_available(), reason="triton is not installed")
 
 
@@ -50,8 +51,8 @@ def test_the_version_check_reads_the_installed_triton(monkeypatch):
 
 def _head(N=20, C=16, V=32):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(N, C, generator=g), torch.randn(V, C, generator=g), torch.randn(V, generator=g),
-            torch.randint(0, V, (N,), generator=g))
+    return tuple(x.to(DEVICE) for x in (torch.randn(N, C, generator=g), torch.randn(V, C, generator=g),
+                                        torch.randn(V, generator=g), torch.randint(0, V, (N,), generator=g)))
 
 
 @needs_triton
