@@ -4,9 +4,11 @@
     python -m var_mclr.train --cfg configs/mnist/mclr.yaml
 
 Rerunning the same command resumes from the newest checkpoint in run.out_dir that loads and holds finite weights.
-The final weights are written to run.out_dir/model.safetensors (+ model.json) for eval/fid.py. One run at a time
-holds run.out_dir; a directory that holds a run of another objective or architecture is refused unless --fresh
-(delete that run's outputs and start over) is given. Weights holding inf/NaN are never saved.
+The final weights are written to run.out_dir/model.safetensors (hyperparameters embedded; model.json a readable copy)
+for eval/fid.py. One run at a time holds run.out_dir; a directory that holds a run of another objective, architecture
+or data, a checkpoint past train.steps, a resume from other tokenizer or model.init weights, and a finished result
+whose checkpoints are gone are refused unless --fresh (delete that run's outputs and start over) is given
+(var_mclr/run_dir.py). Weights holding inf/NaN are never saved.
 """
 from __future__ import annotations
 
