@@ -20,6 +20,12 @@ fine-tuning (the tokenizer is shared); the comparison is sampled with the same s
 scored in the features of a classifier of the run's own data (MNIST: the shipped MNIST network; a folder: a small CNN
 trained once on its training split, whose held-out accuracy every metrics file records) against that training split.
 Ends with the comparison table (mean and spread over seeds) and the paths of the plot and the grid.
+
+A folder's stages are checked as they finish (docs/method.md, "Checks between stages"; eval/stage_checks.py): the
+tokenizer's held-out reconstructions must keep the classes for the own-data classifier, or the pipeline stops before
+any VAR trains; the base must separate the held-out classes above chance, or it stops before fine-tuning; an
+own-data classifier below 0.9 held-out accuracy is flagged in every table and metrics.json. Each stop is one line
+saying what to change (--skip-checks goes on); the measurements end the summary (summary.md, checks.json).
 """
 from __future__ import annotations
 
@@ -70,7 +76,8 @@ def finetune_runs(strengths: str) -> list[tuple[str, str, list[str]]]:
         return [(name, name, []) for name in FINETUNES]
     runs = [("nll", "nll", [])]
     for method, (knob, values) in STRENGTH_GRID.items():
-        runs += [(f"{method} {knob.rsplit('.', 1)[1]}={v:g}", method, [f"{knob}={v:g}"]) for v in values]
+        # "mclr-lam10": a row name is a plain directory name (eval/compare.py, check_row_names)
+        runs += [(f"{method}-{knob.rsplit('.', 1)[1]}{v:g}", method, [f"{knob}={v:g}"]) for v in values]
     return runs
 
 
@@ -223,7 +230,7 @@ def best_settings(summary: dict) -> str:
     and whether it is the first or last value its method tried: there the optimum may lie beyond the grid."""
     groups: dict[str, list[str]] = {}
     for name in summary:  # in the order the strengths were run, strongest fine-tuning and weakest CFG first
-        method = "CFG" if name.startswith("base+cfg") else name.split(" ")[0]
+        method = "CFG" if name.startswith("base+cfg") else name.split("-")[0]
         groups.setdefault(method, []).append(name)
     lines = ["| method | best setting | FID | class_accuracy | recall | at an edge of the grid |",
              "|---|---|---|---|---|---|"]

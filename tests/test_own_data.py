@@ -152,8 +152,8 @@ def test_pipeline_end_to_end_on_a_generated_folder(tmp_path, capsys):
     assert "FAILED: the tokenizer loses the classes" in table and "- base s0, " in table
     assert set(json.loads((summary / "checks.json").read_text())) == {"tokenizer", "base s0"}
     # a folder's default: every fine-tuned method at each of its STRENGTH_GRID values
-    for row in ("| base |", "| base+cfg2 |", "| nll |", "| mclr lam=10 |", "| mclr lam=3 |", "| mclr lam=0.3 |",
-                "| cca lam=50 |", "| cca lam=1.5 |", "| cc_dpo beta=0.2 |", "| cc_dpo beta=6 |"):
+    for row in ("| base |", "| base+cfg2 |", "| nll |", "| mclr-lam10 |", "| mclr-lam3 |", "| mclr-lam0.3 |",
+                "| cca-lam50 |", "| cca-lam1.5 |", "| cc_dpo-beta0.2 |", "| cc_dpo-beta6 |"):
         assert row in table
     best = (summary / "best.md").read_text()
     assert [ln.split(" | ")[0] for ln in best.splitlines()[2:]] == ["| base", "| CFG", "| nll", "| mclr", "| cca",
@@ -174,11 +174,11 @@ def test_best_settings_takes_each_methods_lowest_fid():
     from experiments.pipeline import best_settings
 
     summary = {name: {"fid": {"mean": fid}} for name, fid in
-               [("base", 5.0), ("base+cfg1", 3.5), ("base+cfg2", 3.0), ("base+cfg3", 4.0), ("mclr lam=10", 1.0),
-                ("mclr lam=1", 2.0)]}
+               [("base", 5.0), ("base+cfg1", 3.5), ("base+cfg2", 3.0), ("base+cfg3", 4.0), ("mclr-lam10", 1.0),
+                ("mclr-lam1", 2.0)]}
     rows = {ln.split(" | ")[0][2:]: ln.split(" | ")[1::4] for ln in best_settings(summary).splitlines()[2:]}
     # the best MCLR strength is the first (strongest) it tried, CFG's best lies inside its scales
-    assert rows == {"base": ["base", "- |"], "CFG": ["base+cfg2", "no |"], "mclr": ["mclr lam=10", "yes |"]}
+    assert rows == {"base": ["base", "- |"], "CFG": ["base+cfg2", "no |"], "mclr": ["mclr-lam10", "yes |"]}
 
 
 def test_unseen_folders_are_class_labelled_image_folders(tmp_path):
