@@ -41,7 +41,7 @@ COLUMNS = ("fid", "precision", "recall", "inception_score", "class_accuracy", "i
            "transformer_passes_per_image")
 
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_PATTERN = re.compile(r"[^./\\\x00][^/\\\x00]*")  # one path component, not hidden, '.' or '..'
 
 
 def check_row_names(finetuned: list[tuple[str, str]]) -> None:
@@ -50,8 +50,8 @@ def check_row_names(finetuned: list[tuple[str, str]]) -> None:
     names = [name for name, _ in finetuned]
     for name in names:
         if not NAME_PATTERN.fullmatch(name) or name == "base" or name.startswith("base+"):
-            raise SettingsError(f"--finetuned {name}=...: a row name is letters, digits, '.', '_' or '-' (not "
-                                "starting with '.'), and not 'base' or 'base+...' (the base rows)")
+            raise SettingsError(f"--finetuned {name!r}: a row name is one directory name under --out-dir (no '/', "
+                                "not starting with '.'), and not 'base' or 'base+...' (the base rows)")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise SettingsError(f"--finetuned names {dup} appear more than once")

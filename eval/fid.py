@@ -2,12 +2,17 @@
 
     python eval/fid.py --guidance none     # after `make demo`: the demo's MCLR model, guidance-free
     python eval/fid.py --ckpt runs/mnist/pretrain-s0-<hash>/model.safetensors --guidance cfg --cfg-scale 1.5
-    accelerate launch eval/fid.py --ckpt var_d16.pth --official-vae vae_ch160v4096z32.pth --depth 16 \
+    accelerate launch eval/fid.py --ckpt hf://FoundationVision/var/var_d16.pth \
+        --tokenizer hf://FoundationVision/var/vae_ch160v4096z32.pth --guidance cfg --cfg-scale 1.5 \
         --features inception --inception-weights pt_inception-2015-12-05-6726825d.pth \
-        --reference VIRTUAL_imagenet256_labeled.npz --num-samples 50000 --top-k 900 --top-p 0.96
+        --reference VIRTUAL_imagenet256_labeled.npz --num-samples 50000
 
-Writes to --out-dir: samples.npz (ADM evaluator layout: arr_0 uint8 N x H x W x 3, arr_1 labels), grid.png and
-metrics.json, which records every setting, seed, hash and the code version behind the numbers.
+--ckpt is our VAR (decoded with the tokenizer its training recorded, checked by weight hash) or an official
+var_d*.pth (with --tokenizer; its architecture is read off the file). Each process writes its batches as uint8 shards
+with their features to OUT/shards/ (eval/shards.py), so host memory does not grow with the images and a rerun
+continues where a killed one stopped. At the end OUT holds samples.npz (ADM evaluator layout: arr_0 uint8
+N x H x W x 3, arr_1 labels), grid.png (a labelled row per class) and metrics.json, written last, which records every
+setting, seed, hash and the code version behind the numbers and the hashes of the other two files.
 """
 from __future__ import annotations
 

@@ -163,6 +163,10 @@ def test_compare_row_names_cannot_overwrite_rows_or_escape(name):
         check_row_names([(name, "x.safetensors")])
 
 
+def test_compare_row_names_may_say_their_setting():
+    check_row_names([("mclr lam=10", "a.safetensors"), ("cca_beta0.02", "b.safetensors")])
+
+
 def test_compare_row_names_are_unique():
     with pytest.raises(SettingsError, match="more than once"):
         check_row_names([("mclr", "a.safetensors"), ("mclr", "b.safetensors")])
