@@ -62,6 +62,8 @@ def tokenizer_report(vae: VQVAE, data: dict, cache_dir: Path, max_images: int = 
         "codebook_usage": float((counts_V > 0).double().mean()),
         "codebook_perplexity": math.exp(entropy),
         "vocab_size": vae.V,
+        "patch_nums": list(vae.patch_nums),
+        "resolution": vae.resolution,
         "evaluator_heldout_accuracy": net_acc,
     }
 
@@ -71,11 +73,14 @@ def tokenizer_problem(report: dict) -> str | None:
     orig, rec = report["original_accuracy"], report["recon_accuracy"]
     if rec >= RECON_ACCURACY_RATIO * orig:
         return None
+    # The suggestion: the same downsampling at twice the resolution, one scale more (a latent twice as fine).
+    scales, res = report.get("patch_nums", [8]), report.get("resolution", 16)
+    finer = ",".join(str(p) for p in [*scales, 2 * scales[-1]])
     return (f"the tokenizer loses the classes: the own-data classifier recognises {rec:.3f} of its held-out "
             f"reconstructions against {orig:.3f} of the originals (below {RECON_ACCURACY_RATIO:g}x; reconstruction "
             f"MSE {report['recon_mse']:.4f}, {report['codebook_usage']:.0%} of the codebook used), so no VAR was "
-            "trained; give the tokenizer a finer latent or longer training (e.g. --set data.resolution=32 --set "
-            "\"tokenizer.v_patch_nums=[1,2,3,4,6,8]\", or a larger tokenizer_train.steps; docs/folders.md)")
+            f"trained; give the tokenizer a finer latent (e.g. --set data.resolution={2 * res} --set "
+            f"\"tokenizer.v_patch_nums=[{finer}]\") or a higher ceiling tokenizer_train.steps (docs/folders.md)")
 
 
 def evaluator_problem(heldout_accuracy: float | None) -> str | None:
