@@ -58,6 +58,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"statistics shapes disagree: mu1 {mu1.shape}, sigma1 {s1.shape}, "
                          f"mu2 {mu2.shape}, sigma2 {s2.shape}")
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, s1, s2)):
+        raise ValueError("frechet_distance: the statistics hold NaN or inf values")
     diff = mu1 - mu2
     with warnings.catch_warnings():
         # scipy warns on singular products; the finiteness check below is what decides whether to add eps.

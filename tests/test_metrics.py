@@ -183,3 +183,9 @@ def test_few_sample_frechet_distance_is_the_sqrtm_value(n, d):
         frechet_distance(*feature_statistics(f), mu2, s2), rel=1e-6)
     with pytest.raises(ValueError, match="N <= D"):
         frechet_distance_few_samples(rng.standard_normal((d + 1, d)), mu2, s2)
+
+
+def test_frechet_distance_refuses_non_finite_statistics():
+    mu, sigma = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        frechet_distance(mu, sigma, np.full(3, np.nan), sigma)
