@@ -1,14 +1,14 @@
-"""Checks a `make demo` run against the README's seed-0 row, within the tolerance the README states:
+"""Checks a `make demo` run against the seed-0 row of docs/reproducibility.md, within the tolerance docs/reproducibility.md states:
 
     python -m experiments.check_demo [--root runs/mnist | --compare runs/mnist/compare-s0-n5000-XXXXXXXX]
 
 Reads the newest compare-s0-n5000-*/ under --root (or the directory given with --compare). Passes when every
 reference row's FID is within 5 and its precision and recall within 0.02 of the reference, and every row was scored
 with the shipped 16-px classifier (the hash of its tensors). Exit status 1 lists the rows that missed.
-The tolerance is about one seed std of a method (README "Reproducing"). On the CPU type and thread count the
+The tolerance is about one seed std of a method (docs/reproducibility.md). On the CPU type and thread count the
 reference came from, a fresh clone reproduces it to the last digit shown. On another CPU type training becomes
 another draw of its noise, like another seed (most likely other kernels, other rounding): there the base and nll
-rows have missed by 12-13 FID while the guided and fine-tuned rows stayed within 5 (README "Reproducing").
+rows have missed by 12-13 FID while the guided and fine-tuned rows stayed within 5 (docs/reproducibility.md).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
 
 log = logging.getLogger("experiments.check_demo")
 
-# README "Reproducing": seed 0, 5,000 samples, fresh clone of commit 4783c7d on the 2-core CPU machine
+# docs/reproducibility.md: seed 0, 5,000 samples, fresh clone of commit 4783c7d on the 2-core CPU machine
 REFERENCE = {
     "base": {"fid": 101.45, "precision": 0.7566, "recall": 0.3213},
     "base+cfg2": {"fid": 78.25, "precision": 0.7870, "recall": 0.2173},
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         compare_dir = Path(args.compare) if args.compare else newest_comparison(Path(args.root))
         problems = check(compare_dir)
     if problems:
-        log.error("%s does not reproduce the README's seed-0 row:\n  %s\n(exact reproduction needs the reference's "
+        log.error("%s does not reproduce the seed-0 row of docs/reproducibility.md:\n  %s\n(exact reproduction needs the reference's "
                   "CPU type and thread count; README \"Reproducing\" says how far another CPU moved each row)",
                   compare_dir, "\n  ".join(problems))
         raise SystemExit(1)
-    log.info("%s reproduces the README's seed-0 row (FID within %g, precision and recall within %g, shipped "
+    log.info("%s reproduces the seed-0 row of docs/reproducibility.md (FID within %g, precision and recall within %g, shipped "
              "classifier)", compare_dir, TOLERANCE["fid"], TOLERANCE["precision"])
 
 

@@ -1,5 +1,5 @@
 """Three class-labelled image folders the project was never tuned on, written from data that ships inside installed
-packages (nothing is downloaded), for checking the folder pipeline's defaults (README, "Your own data"):
+packages (nothing is downloaded), for checking the folder pipeline's defaults (docs/unseen_folders.md):
 
 - digits: scikit-learn's 8 x 8 handwritten digits (1,797 images, 10 classes), grey PNGs in train/<digit>/.
 - patches: 2,000 colour patches cut from scikit-learn's two sample photographs (china, flower) and matplotlib's

@@ -1,4 +1,4 @@
-"""experiments/check_demo.py: a `make demo` comparison is checked against the README's seed-0 row."""
+"""experiments/check_demo.py: a `make demo` comparison is checked against the seed-0 row of docs/reproducibility.md."""
 import json
 
 import pytest
