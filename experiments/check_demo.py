@@ -1,4 +1,4 @@
-"""Checks a `make demo` run against the seed-0 row of docs/reproducibility.md, within the tolerance docs/reproducibility.md states:
+"""Checks a `make demo` run against the seed-0 row of docs/reproducibility.md, within the tolerance it states:
 
     python -m experiments.check_demo [--root runs/mnist | --compare runs/mnist/compare-s0-n5000-XXXXXXXX]
 
@@ -78,12 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         compare_dir = Path(args.compare) if args.compare else newest_comparison(Path(args.root))
         problems = check(compare_dir)
     if problems:
-        log.error("%s does not reproduce the seed-0 row of docs/reproducibility.md:\n  %s\n(exact reproduction needs the reference's "
-                  "CPU type and thread count; README \"Reproducing\" says how far another CPU moved each row)",
+        log.error("%s does not reproduce the seed-0 row of docs/reproducibility.md:\n  %s\n(exact reproduction needs "
+                  "the reference's CPU type and thread count; docs/reproducibility.md says how far another CPU moved "
+                  "each row)",
                   compare_dir, "\n  ".join(problems))
         raise SystemExit(1)
-    log.info("%s reproduces the seed-0 row of docs/reproducibility.md (FID within %g, precision and recall within %g, shipped "
-             "classifier)", compare_dir, TOLERANCE["fid"], TOLERANCE["precision"])
+    log.info("%s reproduces the seed-0 row of docs/reproducibility.md (FID within %g, precision and recall within "
+             "%g, shipped classifier)", compare_dir, TOLERANCE["fid"], TOLERANCE["precision"])
 
 
 if __name__ == "__main__":
