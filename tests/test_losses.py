@@ -197,13 +197,26 @@ def _cca_case():
 
 
 def test_cca_labels_flag_null_masked_rows_and_collisions():
-    labels = torch.tensor([3, 3, 5, 1, 7, 2, 2, 9])
-    pos, neg, flagged = cca_labels(labels, 10, uncond_ratio=0.5, generator=torch.Generator().manual_seed(0))
-    masked = pos == 10
-    assert 0 < int(masked.sum()) < 8  # this seed masks some rows, not all
-    assert bool((neg[masked] == 10).all())  # CCA masks both labels of a row
-    assert flagged.tolist() == (masked | (neg == pos)).tolist()
-    assert neg[~masked].tolist() == torch.roll(labels, -1)[~masked].tolist()
+    """What CCA's pairing must give, from the inputs alone: the negative is the next row's label, a masked row has
+    both labels null, the masked share is uncond_ratio, and the flags are exactly the masked rows plus the rows
+    whose label equals the next row's."""
+    N, C, ratio = 20000, 10, 0.1
+    labels = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(1))
+    pos, neg, flagged = cca_labels(labels, C, uncond_ratio=ratio, generator=torch.Generator().manual_seed(0))
+    masked = pos == C
+    assert abs(float(masked.float().mean()) - ratio) < 0.01  # 4.7 standard errors
+    assert torch.equal(neg == C, masked)  # one decision per row, for both labels
+    assert torch.equal(pos[~masked], labels[~masked])
+    next_label = torch.cat([labels[1:], labels[:1]])
+    assert torch.equal(neg[~masked], next_label[~masked])
+    collides = labels == next_label
+    assert 0.05 < float(collides.float().mean()) < 0.15  # C = 10: about one row in ten collides
+    assert torch.equal(flagged, masked | collides)
+    # The mask is drawn from the generator, not from the labels: same seed, other labels, same rows.
+    _, _, flagged_again = cca_labels(torch.arange(N) % C, C, uncond_ratio=ratio,
+                                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(flagged_again, masked)  # arange % C rolled never collides
+    assert not bool(cca_labels(labels, C)[2][~collides].any())  # uncond_ratio 0: collisions only
 
 
 def test_cca_hand_computed_masked_form():

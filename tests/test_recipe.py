@@ -119,19 +119,27 @@ def test_training_with_drop_path_resumes_to_the_uninterrupted_weights(tmp_path, 
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 @pytest.mark.parametrize("depth, dpr, floor, cca_lam", [(16, 0.0, 0.1, 50.0), (20, 0.0833, 0.1, 50.0),
                                                          (24, 0.1, 0.01, 100.0), (30, 0.125, 0.01, 1000.0)])
 def test_imagenet_configs_carry_ccas_recipe(depth, dpr, floor, cca_lam):
-    """Every objective of a config shares one schedule (only train.objective and its loss section change), taken
-    from CCA's VAR commands: one epoch at 256 images per step (8 GPUs), lr 2e-5, lin0 with its floor."""
+    """CCA's VAR commands: one epoch at 256 images per step (8 GPUs), lr 2e-5, lin0 with its floor. A depth's
+    config departs from var_d16.yaml only where CCA's command for that depth does (plus the backbone, the
+    micro-batch that fits it and the run directory)."""
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "configs" / f"var_d{depth}.yaml"
-    by_objective = {o: load_config(path, [f"train.objective={o}"], check_files=False)
-                    for o in ("mclr", "cca", "cc_dpo", "nll")}
-    schedules = {o: {k: v for k, v in c.to_dict()["train"].items() if k != "objective"}
-                 for o, c in by_objective.items()}
-    assert all(s == schedules["mclr"] for s in schedules.values())
-    cfg = by_objective["mclr"]
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(configs / f"var_d{depth}.yaml", [], check_files=False)
+    d16 = load_config(configs / "var_d16.yaml", [], check_files=False)
+    per_depth = {"run.out_dir", "model.init", "model.depth", "model.embed_dim", "model.num_heads",
+                 "model.drop_path_rate", "train.micro_batch", "train.min_lr_ratio", "loss.cca.lam"}
+    differ = {k for k, v in _flat(cfg.to_dict()).items() if _flat(d16.to_dict()).get(k) != v}
+    assert differ <= per_depth, differ - per_depth
     t = cfg.train
     assert (t.lr_schedule, t.lr, t.steps, t.warmup_steps, t.min_lr_ratio) == ("lin0", 2e-5, 5005, 100, floor)
     assert t.global_batch == 256  # on any number of GPUs: micro-batch and accumulation are derived (var_mclr.plan)

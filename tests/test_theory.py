@@ -10,9 +10,10 @@
   (hard cap: an indicator, smooth cap: a sigmoid weight), so a cap that binds on every pair leaves exactly the nll
   gradient.
 - "Equivalence with CFG": the paper's theorem is stated for diffusion score matching, which no project code
-  implements. Its likelihood-form counterpart is tested instead: with closed-form, token-adaptive positive
-  weights, the CFG distributions of all classes are the maximiser of the weighted mclr_loss (zero gradient there,
-  and an optimiser started elsewhere reaches them), while the unweighted loss is not stationary there.
+  implements. What the project shows instead: the registry's uncapped MCLR optimum at strength lam agrees with
+  the sampler's CFG distribution at t = lam C / (C - 1) to first order in p_c / p_u - 1, within the bound
+  t (1 + t) chi^2(p_c || p_u) of docs/method.md; CFG at another strength, no guidance, or a target moved at first
+  order fail the same check.
 """
 from __future__ import annotations
 
@@ -290,40 +291,68 @@ def test_binding_cap_leaves_exactly_the_nll_gradient():
 
 
 # ---- equivalence with CFG ----------------------------------------------------------------------------------
-def cfg_tables(p_CV, w):
-    """The CFG distribution of every class against the unconditional mixture p_u = mean_c p_c."""
-    p_u_V = p_CV.mean(0)
-    g_CV = p_CV ** (1 + w) * p_u_V ** (-w)
-    return g_CV / g_CV.sum(1, keepdim=True)
+def balanced_tables(C, V, eps, seed=0):
+    """Class tables p_c = p_u (1 + eps d_c) of balanced classes: the d_c sum to 0 over classes (so p_u is their
+    mean, the unconditional distribution) and have mean 0 under p_u (so every p_c is a distribution)."""
+    g = torch.Generator().manual_seed(seed)
+    p_u_V = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    p_u_V = p_u_V / p_u_V.sum()
+    d_CV = torch.randn(C, V, generator=g, dtype=torch.float64)
+    d_CV = d_CV - d_CV.mean(0, keepdim=True)
+    d_CV = d_CV - (d_CV * p_u_V).sum(1, keepdim=True)  # keeps the class sum at 0: the class means of d are too
+    return p_u_V * (1 + eps * d_CV)
 
 
-def cfg_row_weights(p_CV, g_CV, lam):
-    """Per data pair (x, c), the weight pi_c p_c(x) omega(x, c) under which uncapped MCLR with all C - 1 negatives
-    is maximised by the targets g.
-
-    Class c's logits collect (1 + lam) u_c(x) from its own pairs and -lam/(C-1) u_c'(x) from every other class's
-    pairs, u_c = omega(x, c) p_c(x). Requiring that total to be g_c(x) for every c gives, with S(x) = sum_c g_c(x),
-        u_c(x) = (g_c(x) + lam/(C-1) S(x)) / (1 + lam C/(C-1)),
-    positive for every x and c, so omega is a genuine (token-adaptive) weight."""
-    C = p_CV.shape[0]
-    u_CV = (g_CV + lam / (C - 1) * g_CV.sum(0, keepdim=True)) / (1 + lam * C / (C - 1))
-    return u_CV / C
+def cfg_target(strength):
+    """CFG's distribution of every class, as the sampler draws it, at guidance t = strength(lam, C)."""
+    def target(p_CV, lam):
+        t, log_u = strength(lam, p_CV.shape[0]), p_CV.mean(0).log()
+        return np.stack([power_reweighting(p_c.log(), log_u, t) for p_c in p_CV])
+    return target
 
 
-@pytest.mark.parametrize("w", [0.5, 1.5, 4.0])
-def test_cfg_distribution_is_optimum_of_adaptively_weighted_mclr(w):
-    C, V, lam = 3, 6, w  # lam plays the role of the guidance strength
-    p_CV = class_tables(C, V, seed=2, spread=0.6)
-    g_CV = cfg_tables(p_CV, w)
-    row_weight_CV = cfg_row_weights(p_CV, g_CV, lam)
-    omega_CV = row_weight_CV * C / p_CV
-    assert bool((omega_CV > 0).all())
+MATCHED_CFG = cfg_target(lambda lam, C: lam * C / (C - 1))  # docs/method.md, "Equivalence with CFG"
 
-    theta = g_CV.log().clone().requires_grad_()
-    (grad,) = torch.autograd.grad(tabular_population_loss(theta, row_weight_CV, mclr_direct(lam)), theta)
-    assert float(grad.abs().max()) < 1e-12  # stationary at the CFG distributions
-    # ... and the maximiser: an optimiser started from uniform logits reaches them.
-    np.testing.assert_allclose(maximise_tabular(row_weight_CV, mclr_direct(lam)).numpy(), g_CV.numpy(), atol=1e-6)
-    # The weights are what make it so: unweighted MCLR (x ~ p_c, omega = 1) is not stationary there.
-    (grad,) = torch.autograd.grad(tabular_population_loss(theta, p_CV / C, mclr_direct(lam)), theta)
-    assert float(grad.abs().max()) > 1e-3
+
+def fitted_optimum(C, V, eps, lam):
+    p_CV = balanced_tables(C, V, eps)
+    return p_CV, maximise_tabular(p_CV / C, mclr_via_registry(lam)).numpy()
+
+
+def assert_agrees_to_first_order(target, lam, C=3, V=5):
+    """The registry's uncapped MCLR optimum q and the target agree to first order in p_c / p_u - 1: their L1
+    distance is within the stated bound t (1 + t) chi^2(p_c || p_u) and shrinks 4x when the class differences
+    halve (an error of first order would only halve)."""
+    t = lam * C / (C - 1)
+    errors = []
+    for eps in (0.05, 0.025):
+        p_CV, q_CV = fitted_optimum(C, V, eps, lam)
+        p_u_V = p_CV.mean(0)
+        chi2_C = (((p_CV - p_u_V) ** 2) / p_u_V).sum(1).numpy()
+        errors.append(np.abs(q_CV - target(p_CV, lam)).sum(1))
+        assert bool((errors[-1] <= t * (1 + t) * chi2_C).all()), (eps, errors[-1], t * (1 + t) * chi2_C)
+    shrink = errors[0] / errors[1]
+    assert bool(((shrink > 3.5) & (shrink < 4.5)).all()), shrink
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0, 3.0])
+def test_mclr_optimum_agrees_with_cfg_to_first_order(lam):
+    assert_agrees_to_first_order(MATCHED_CFG, lam)
+
+
+def moved_cfg(p_CV, lam):
+    """CFG moved at first order along another direction: each class's differences from p_u shifted by one token."""
+    d_CV = (p_CV / p_CV.mean(0) - 1).numpy()
+    moved_CV = MATCHED_CFG(p_CV, lam) * (1 + np.roll(d_CV, 1, axis=1))
+    return moved_CV / moved_CV.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("target", [
+    cfg_target(lambda lam, C: lam),  # CFG at t = lam: the strengths do not map one to one
+    cfg_target(lambda lam, C: 1.2 * lam * C / (C - 1)),
+    lambda p_CV, lam: p_CV.numpy(),  # no guidance at all
+    lambda p_CV, lam: moved_cfg(p_CV, lam),
+], ids=["t=lam", "t*1.2", "unguided", "moved"])
+def test_first_order_check_refuses_targets_other_than_cfg(target):
+    with pytest.raises(AssertionError):
+        assert_agrees_to_first_order(target, lam=1.0)
