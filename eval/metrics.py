@@ -2,7 +2,7 @@
 
 All functions take numpy arrays or torch tensors and return plain Python floats (or numpy arrays for statistics),
 so callers can log them or dump them to JSON directly. The feature network is the caller's choice
-(eval/classifier.py: small MNIST CNN, Inception-v3 pool3, DINOv2); these functions do not care which.
+(eval/features.py: small MNIST CNN, Inception-v3 pool3, DINOv2); these functions do not care which.
 """
 
 from __future__ import annotations
@@ -103,14 +103,6 @@ def frechet_distance_few_samples(feats_ND, mu2, sigma2) -> float:
 def frechet_distance_of_features(feats1_ND, feats2_MD) -> float:
     """Frechet distance between the Gaussians fitted to two feature sets."""
     return frechet_distance(*feature_statistics(feats1_ND), *feature_statistics(feats2_MD))
-
-
-def save_statistics(path: str, mu, sigma, **extra) -> None:
-    """Reference statistics as .npz with keys mu, sigma (the keys ADM's reference batches use) plus `extra`."""
-    mu, sigma = _as_numpy64(mu), _as_numpy64(sigma)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"mu must be (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
-    _atomic_savez(path, mu=mu, sigma=sigma, **extra)
 
 
 def load_statistics(path: str, expected_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ from conftest import tiny_vae, tiny_var
 from eval.compare import compare
 from eval.features import file_reference, mnist_net
 from eval.fid import evaluate
-from eval.metrics import save_statistics
 from eval.settings import EvalSettings
 from var_mclr.checkpoints import save_model
 
@@ -65,7 +64,7 @@ def test_references_of_the_wrong_resolution_or_feature_size_are_refused(tmp_path
     np.savez(tmp_path / "ref32.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="holds 32x32 images but the samples are 16x16"):
         file_reference(net, str(tmp_path / "ref32.npz"), 16, "cpu")
-    save_statistics(str(tmp_path / "stats.npz"), np.zeros(2048), np.eye(2048))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match="feature size 2048, but the feature network gives 128"):
         file_reference(net, str(tmp_path / "stats.npz"), 16, "cpu")
     np.savez(tmp_path / "ref16.npz", arr_0=np.random.default_rng(0).integers(0, 255, (30, 16, 16, 3), np.uint8))

@@ -7,7 +7,7 @@ import torch
 
 from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, frechet_distance_of_features,
                           inception_score, knn_radii, load_samples_npz, load_statistics, precision_recall,
-                          save_samples_npz, save_statistics, to_uint8_nhwc)
+                          save_samples_npz, to_uint8_nhwc)
 
 # ---------------------------------------------------------------------------------------------- Frechet distance
 
@@ -52,7 +52,7 @@ def test_fid_rejects_mismatched_shapes_and_bad_features():
 def test_statistics_round_trip_and_feature_size_check(tmp_path):
     mu, sigma = feature_statistics(np.random.default_rng(0).normal(size=(50, 4)))
     p = str(tmp_path / "ref.npz")
-    save_statistics(p, mu, sigma, resolution=np.int64(32))
+    np.savez(p, mu=mu, sigma=sigma, resolution=np.int64(32))  # the ADM reference-batch keys
     mu2, sigma2 = load_statistics(p, expected_dim=4)
     assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
     with pytest.raises(ValueError, match="feature size 4.*gives 2048"):

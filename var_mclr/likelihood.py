@@ -61,14 +61,6 @@ def loglik_under_classes(var, classes_BK: torch.Tensor, x_BLCv_wo_first_l: torch
     return l_N.view(B, K)
 
 
-def loglik_pos_neg(var, label_B: torch.Tensor, neg_BK: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
-                   idx_BL: torch.Tensor, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(l_pos_B, l_neg_BK): the true class and K negatives of every image, from one pass over B*(1+K) rows."""
-    l_BK1 = loglik_under_classes(var, torch.cat([label_B.view(-1, 1), neg_BK.to(label_B.dtype)], dim=1),
-                                 x_BLCv_wo_first_l, idx_BL, max_rows=max_rows)
-    return l_BK1[:, 0], l_BK1[:, 1:]
-
-
 def loglik_all_classes(var, x_BLCv_wo_first_l: torch.Tensor, idx_BL: torch.Tensor, include_null: bool = False,
                        max_rows: int | None = None) -> torch.Tensor:
     """l(x, c) for c = 0..num_classes-1 (and the null class last if include_null): (B, C) or (B, C+1)."""

@@ -180,9 +180,7 @@ class AdaLNSelfAttn(nn.Module):
 
     def drop_path(self, branch_BLC: torch.Tensor) -> torch.Tensor:
         """Drops the whole residual branch of a random share of samples (rescaling the rest) while training."""
-        if self.drop_path_rate == 0 or not self.training:
-            return branch_BLC
-        return stochastic_depth(branch_BLC, self.drop_path_rate, "row", training=True)
+        return stochastic_depth(branch_BLC, self.drop_path_rate, "row", training=self.training)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -326,10 +324,10 @@ class VAR(nn.Module):
         return kernels.token_logprobs(h_BLC, self.head.weight, self.head.bias, target_BL, impl=self.logprob_impl)
 
     # ---- one scale of KV-cached sampling --------------------------------------------------------------------
-    def forward_scale(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor, block_cond: torch.Tensor,
+    def forward_scale(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor, block_cond: torch.Tensor,
                       caches: list[KVCache], blocks: Sequence[Callable[..., torch.Tensor]] | None = None
                       ) -> torch.Tensor:
-        """Logits of scale si given its embedded input; earlier scales come from the caches (no mask needed).
+        """Logits of one scale given its embedded input; earlier scales come from the caches (no mask needed).
         blocks: callables standing in for self.blocks (e.g. compiled_blocks()), same parameters."""
         for block, cache in zip(self.blocks if blocks is None else blocks, caches):
             x_BlC = block(x_BlC, block_cond, None, cache)

@@ -81,7 +81,7 @@ def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfi
 
     for si, pn in enumerate(var.patch_nums):
         with torch.autocast(x_BlC.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            logits_BlV = var.forward_scale(si, x_BlC, cond_BD, block_cond, caches, blocks).float()
+            logits_BlV = var.forward_scale(x_BlC, cond_BD, block_cond, caches, blocks).float()
         logits_cond, logits_null = (logits_BlV[:B], logits_BlV[B:]) if guided else (logits_BlV, None)
         if keep_logits:
             result.logits_cond_BlV.append(logits_cond.clone())
