@@ -172,7 +172,8 @@ def _train_step_fn(cfg, device):
 
 def _one_train_check(args, device, depth: int, objective: str, micro: int, ckpt: bool) -> dict:
     cfg = _train_cfg(args, depth, objective, micro, ckpt)
-    memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 1e3
+    cuda = device.type == "cuda"
+    memory_gb = torch.cuda.get_device_properties(device).total_memory / plan_mod.GIB if cuda else 1e3
     predicted = plan_mod.memory_plan(cfg, 1, micro, "ddp", device.type, memory_gb)
     plan_mod.add_time(predicted, cfg, micro, micro, plan_mod.GPU_TFLOPS, plan_mod.MFU)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -190,8 +191,9 @@ def _one_train_check(args, device, depth: int, objective: str, micro: int, ckpt:
     peak = float(torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
     flops = plan_mod.step_flops(cfg, micro)
     seconds = statistics.median(times)
-    return {"micro_batch": micro, "checkpointing": ckpt, "ms": 1e3 * seconds, "peak_GB": peak and peak / 1e9,
-            "plan_peak_GB": predicted.peak / 1e9, "plan_error": peak and (predicted.peak - peak) / peak,
+    return {"micro_batch": micro, "checkpointing": ckpt, "ms": 1e3 * seconds,
+            "peak_GiB": peak and peak / plan_mod.GIB, "plan_peak_GiB": predicted.peak / plan_mod.GIB,
+            "plan_error": peak and (predicted.peak - peak) / peak,
             "achieved_TFLOPS": flops / seconds / 1e12, "plan_ms_at_assumed_MFU": 1e3 * predicted.step_s}
 
 

@@ -44,10 +44,10 @@ def first_fit(cfg, world: int, memory: float, tflops: float, mfu: float):
 def cell(cfg, world, memory, tflops, mfu) -> str:
     name, p = first_fit(cfg, world, memory, tflops, mfu)
     if name is None:
-        return f"does not fit ({p.peak / 1e9:.0f} GB)"
+        return f"does not fit ({p.peak / plan_mod.GIB:.0f} GiB)"
     if name.startswith("FSDP"):  # train.py refuses FSDP for now (var_mclr.plan.FSDP_NOT_YET)
         name = f"needs {name} (not yet in train.py)"
-    return f"{name}: {p.micro_batch} x {p.grad_accum}, {p.peak / 1e9:.0f} GB, {p.epoch_s / 3600:.1f} h"
+    return f"{name}: {p.micro_batch} x {p.grad_accum}, {p.peak / plan_mod.GIB:.0f} GiB, {p.epoch_s / 3600:.1f} h"
 
 
 def main() -> None:

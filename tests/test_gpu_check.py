@@ -14,7 +14,7 @@ def test_gpu_check_smoke_runs_every_section_and_writes_json_and_markdown(tmp_pat
         assert "error" not in results[name], results[name]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(saved["train"]) == {f"d16/{o}" for o in gpu_check.OBJECTIVES} | {"d30/mclr/ckpt"}
-    assert all(r["plan_peak_GB"] > 0 for r in saved["train"].values())
+    assert all(r["plan_peak_GiB"] > 0 for r in saved["train"].values())
     # the float32 reference and the bf16 paths agree to bf16 precision
     assert all(max(r["max_err"].values()) < 0.2 for r in saved["head"].values())
     assert "| d30/mclr/ckpt |" in (tmp_path / "gpu_check.md").read_text()

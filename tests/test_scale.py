@@ -142,7 +142,7 @@ def test_a_global_batch_trains_like_one_micro_batch_and_is_logged(tmp_path, capl
 
 
 class _Props:
-    total_memory = 80e9
+    total_memory = 80 * 2 ** 30  # an 80 GB GPU
 
 
 def test_on_cuda_a_config_that_does_not_fit_is_refused_naming_the_keys(monkeypatch):
@@ -151,7 +151,7 @@ def test_on_cuda_a_config_that_does_not_fit_is_refused_naming_the_keys(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
     cfgs = Path(__file__).resolve().parents[1] / "configs"
     big = load_config(cfgs / "var_d30.yaml", ["train.micro_batch=16"], check_files=False)
-    with pytest.raises(ConfigError, match=r"needs 1\d\d\.\d GB per GPU.*train\.micro_batch=\d+ \(or auto\)"):
+    with pytest.raises(ConfigError, match=r"needs 1\d\d\.\d GiB per GPU.*train\.micro_batch=\d+ \(or auto\)"):
         resolve_batch(big, 8, torch.device("cuda"))
     auto = load_config(cfgs / "var_d30.yaml", ["train.micro_batch=auto"], check_files=False)
     micro, accum = resolve_batch(auto, 8, torch.device("cuda"))

@@ -37,7 +37,8 @@ from var_mclr.errors import add_debug_flag, reporting_user_errors
 from var_mclr.model import VAR
 from var_mclr.objectives import get_objective
 
-GB = 1e9
+# GPU memory comes in GiB: an "80 GB" GPU holds 80 GiB (torch reports ~79.2 of them), a "40 GB" one 40.
+GIB = 2 ** 30
 IMAGENET_TRAIN_IMAGES = 1_281_167
 HEADROOM = 0.92  # share of GPU memory the plan may fill
 GPU_TFLOPS, MFU = 312.0, 0.35  # assumed: A100 bf16 dense peak; a typical utilisation for a 1-2B transformer
@@ -191,7 +192,7 @@ def memory_plan(cfg: Config, world: int, micro_batch: int, sharding: str = "ddp"
               "optimizer step": fixed + grads - mem.get("autocast bf16 weight copies", 0.0),
               "tokenizer encode": fixed + held_grads + encode}
     return Plan(world=world, micro_batch=micro_batch, grad_accum=accum, rows=rows, memory=mem, phases=phases,
-                gpu_memory=gpu_memory_gb * GB)
+                gpu_memory=gpu_memory_gb * GIB)
 
 
 def forward_flops_per_row(a: Arch) -> tuple[float, float]:
@@ -307,17 +308,17 @@ def format_plan(cfg: Config, plan: Plan, sharding: str, gpu_tflops: float, mfu: 
     lines = [f"VAR depth {a.depth}, width {a.width}, {a.params / 1e6:.0f}M parameters; objective "
              f"{cfg.train.objective} ({rows_per_image(cfg)} rows per image), {cfg.train.mixed_precision} autocast, "
              f"checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}, {sharding}",
-             f"{plan.world} GPUs x {plan.gpu_memory / GB:.0f} GB; global batch {global_batch_of(cfg, plan.world)} = "
+             f"{plan.world} GPUs x {plan.gpu_memory / GIB:.0f} GiB; global batch {global_batch_of(cfg, plan.world)} = "
              f"micro-batch {plan.micro_batch} x {plan.world} processes x {plan.grad_accum} accumulation "
              f"({plan.rows} rows per forward)", "", "memory per GPU:"]
-    lines += [f"  {k:34s} {v / GB:8.2f} GB" for k, v in plan.memory.items() if v]
-    lines += [f"  peak, {k:28s} {v / GB:8.2f} GB" for k, v in plan.phases.items()]
+    lines += [f"  {k:34s} {v / GIB:8.2f} GiB" for k, v in plan.memory.items() if v]
+    lines += [f"  peak, {k:28s} {v / GIB:8.2f} GiB" for k, v in plan.phases.items()]
     verdict = "fits" if plan.fits else "DOES NOT FIT"
-    lines += [f"  -> {plan.peak / GB:.1f} GB of {HEADROOM:.0%} x {plan.gpu_memory / GB:.0f} GB: {verdict}", "",
+    lines += [f"  -> {plan.peak / GIB:.1f} GiB of {HEADROOM:.0%} x {plan.gpu_memory / GIB:.0f} GiB: {verdict}", "",
               f"time (assumed {gpu_tflops:g} TFLOPS per GPU at MFU {mfu:g}): {plan.flops_per_step / 1e15:.1f} PFLOP "
               f"per step, {plan.step_s:.2f} s per step, {plan.epoch_s / 3600:.2f} h per epoch"]
     if not plan.fits:
-        lines += ["to fit, change:"] + [f"  {h}" for h in fix_hints(cfg, plan.world, plan.gpu_memory / GB, sharding)]
+        lines += ["to fit, change:"] + [f"  {h}" for h in fix_hints(cfg, plan.world, plan.gpu_memory / GIB, sharding)]
     return "\n".join(lines) + "\n"
 
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", required=True, help="YAML config, as for var_mclr.train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-5")
     p.add_argument("--gpus", type=int, default=8, help="processes (one GPU each)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU: 80 for an 80 GB GPU")
     p.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp")
     p.add_argument("--gpu-tflops", type=float, default=GPU_TFLOPS, help="dense bf16 peak per GPU (H100: 989)")
     p.add_argument("--mfu", type=float, default=MFU, help="assumed model FLOPs utilisation")
@@ -363,14 +364,14 @@ def resolve_batch(cfg: Config, world: int, device: torch.device, sharding: str =
             raise ConfigError(f"train.micro_batch {micro} x {world} processes does not divide train.global_batch "
                               f"{t.global_batch}; use one of {options} (or auto)")
     if device.type == "cuda":
-        memory_gb = torch.cuda.get_device_properties(device).total_memory / GB
+        memory_gb = torch.cuda.get_device_properties(device).total_memory / GIB
         cfg_at = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch="auto" if t.micro_batch == "auto"
                                                                      else micro))
         plan = plan_config(cfg_at, world, memory_gb, sharding) if t.global_batch else memory_plan(
             cfg, world, micro, sharding, "cuda", memory_gb)
         if not plan.fits:
-            raise ConfigError(f"the memory plan needs {plan.peak / GB:.1f} GB per GPU, {HEADROOM:.0%} of this GPU's "
-                              f"{memory_gb:.0f} GB is {HEADROOM * memory_gb:.1f} GB (python -m var_mclr.plan "
+            raise ConfigError(f"the memory plan needs {plan.peak / GIB:.1f} GiB per GPU, {HEADROOM:.0%} of this GPU's "
+                              f"{memory_gb:.0f} GiB is {HEADROOM * memory_gb:.1f} GiB (python -m var_mclr.plan "
                               f"--gpus {world} --gpu-memory {memory_gb:.0f} shows each part); change: "
                               + "; or ".join(fix_hints(cfg, world, memory_gb, sharding)))
         micro = plan.micro_batch
