@@ -197,3 +197,31 @@ def test_a_run_of_non_finite_steps_still_stops_when_skipped_on_the_device(tmp_pa
 
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite steps in a row at step [4-9]"):
         _poisoned_run(tmp_path, monkeypatch, "stop", True, lambda n: n >= 3, max_nonfinite_in_row=3)
+
+
+@pytest.mark.slow
+def test_one_config_on_one_and_two_processes_follows_the_same_loss_curve(tmp_path):
+    """train.global_batch is the recipe's unit: one config file, one process accumulating two micro-batches or two
+    processes one each, the same images per step and the same losses; each run logs what it derived."""
+    import sys
+    from pathlib import Path
+
+    from test_train import metrics, run_cli, tiny_run_tree, write_cfg
+
+    repo = Path(__file__).resolve().parents[1]
+    tree = tiny_run_tree(tmp_path, "one", objective="nll", steps=4, global_batch=8, micro_batch=4)
+    cfg = write_cfg(tmp_path, tree, "cfg")
+    p1 = run_cli(cfg)
+    assert p1.wait(timeout=300) == 0
+    log1 = p1.stderr.read()
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583",
+                str(repo / "var_mclr" / "train.py"))
+    p2 = run_cli(cfg, "--set", f"run.out_dir={tmp_path / 'two'}", launcher=launcher)
+    assert p2.wait(timeout=300) == 0
+    log2 = p2.stderr.read()
+    assert "world size 1" in log1 and "micro-batch 4 x 1 processes x 2 accumulation" in log1
+    assert "world size 2" in log2 and "micro-batch 4 x 2 processes x 1 accumulation" in log2
+    l1 = [r["loss"] for r in metrics(tmp_path / "one")]
+    l2 = [r["loss"] for r in metrics(tmp_path / "two")]
+    assert len(l1) == len(l2) == 4 and l1[0] != l1[-1]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
