@@ -27,7 +27,7 @@ from eval.compare import fmt
 from eval.fid import evaluate, feature_backend
 from eval.sampling_run import load_for_eval
 from eval.settings import EvalSettings
-from experiments.demo import pipeline, run_stage, stage
+from experiments.pipeline import MNIST_CONFIGS, pipeline, run_stage, stage
 from var_mclr.checkpoints import read_model_info
 from var_mclr.config import load_config
 from var_mclr.files import write_text_atomic
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     vae, _, _ = load_for_eval(str(base))
     net, ref = feature_backend(common, vae.resolution, accelerator.device)
     out = root / f"ablations-s{args.seed}-n{args.num_samples}"
-    steps = load_config(Path(__file__).resolve().parents[1] / "configs" / "mnist" / "mclr.yaml",
-                        check_files=False).train.steps
+    steps = load_config(MNIST_CONFIGS / "mclr.yaml", check_files=False).train.steps
     lines = ["| ablation | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for name, overrides, cfg_scale in ablations(steps):
         # the sweep's stage name: the tuned K = 1 model is the sweep's, not retrained

@@ -32,7 +32,7 @@ from accelerate import Accelerator  # noqa: E402
 from eval.fid import evaluate, feature_backend  # noqa: E402
 from eval.sampling_run import load_for_eval  # noqa: E402
 from eval.settings import EvalSettings  # noqa: E402
-from experiments.demo import pipeline, run_stage, stage  # noqa: E402
+from experiments.pipeline import pipeline, run_stage, stage  # noqa: E402
 from var_mclr.checkpoints import read_model_info  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 from var_mclr.train import train  # noqa: E402

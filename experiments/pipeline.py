@@ -48,12 +48,12 @@ from var_mclr.checkpoints import is_complete_result, load_model
 from var_mclr.config import Config, load_config
 from var_mclr.data import check_split_classes, class_dirs
 from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
-from var_mclr.files import write_text_atomic
+from var_mclr.files import CONFIG_DIR, write_text_atomic
 from var_mclr.train import train
 from var_mclr.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("experiments.pipeline")
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_ROOT = CONFIG_DIR  # the checkout's configs/, or the installed package's copy
 STAGE_CONFIGS = {"mnist": CONFIG_ROOT / "mnist", "imagefolder": CONFIG_ROOT / "folder"}  # by --data
 MNIST_CONFIGS = STAGE_CONFIGS["mnist"]
 FINETUNES = ("nll", "mclr", "cca", "cc_dpo")

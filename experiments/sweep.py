@@ -23,7 +23,7 @@ from eval.fid import evaluate, feature_backend
 from eval.sampling_run import load_for_eval
 from eval.separation import separation
 from eval.settings import EvalSettings
-from experiments.demo import pipeline, run_stage, stage
+from experiments.pipeline import pipeline, run_stage, stage
 from var_mclr.checkpoints import read_model_info
 from var_mclr.data import build_dataset
 from var_mclr.files import write_text_atomic

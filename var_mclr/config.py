@@ -25,7 +25,7 @@ import yaml
 
 from tokenizer.model import VQVAEConfig
 from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
-from var_mclr.files import write_text_atomic
+from var_mclr.files import config_file, write_text_atomic
 from var_mclr.kernels.logprob import IMPLS as LOGPROB_KERNELS
 from var_mclr.likelihood import NEGATIVE_MODES
 from var_mclr.hub import is_hub_name
@@ -462,7 +462,7 @@ def _range_errors(cfg: Config) -> list[str]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), check_files: bool = True) -> Config:
-    tree = _read_yaml(Path(path)) if path is not None else {}
+    tree = _read_yaml(config_file(path)) if path is not None else {}
     for assignment in overrides:
         _apply_override(tree, assignment)
     errors: list[str] = []

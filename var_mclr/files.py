@@ -66,3 +66,21 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# configs/: in a checkout, beside the packages; in an installed wheel, inside var_mclr (pyproject.toml installs the
+# repository's configs/ as var_mclr/configs). The package's copy is looked for first: it exists only when installed.
+_PACKAGE = Path(__file__).resolve().parent
+CONFIG_DIR = next((d for d in (_PACKAGE / "configs", _PACKAGE.parent / "configs") if d.is_dir()),
+                  _PACKAGE.parent / "configs")
+
+
+def config_file(path: str | os.PathLike) -> Path:
+    """path itself when it exists; else a relative configs/... path names the shipped config, so the commands the
+    docs give (--cfg configs/mnist/mclr.yaml) also run from an installed wheel in any directory."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and path.parts[:1] == ("configs",):
+        shipped = CONFIG_DIR.joinpath(*path.parts[1:])
+        if shipped.is_file():
+            return shipped
+    return path
