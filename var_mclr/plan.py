@@ -303,6 +303,12 @@ def fix_hints(cfg: Config, world: int, gpu_memory_gb: float, sharding: str) -> l
     return hints or ["nothing in train.* fits: use more or larger GPUs, or a smaller model"]
 
 
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
 def format_plan(cfg: Config, plan: Plan, sharding: str, gpu_tflops: float, mfu: float) -> str:
     a = arch(cfg)
     lines = [f"VAR depth {a.depth}, width {a.width}, {a.params / 1e6:.0f}M parameters; objective "
@@ -315,8 +321,8 @@ def format_plan(cfg: Config, plan: Plan, sharding: str, gpu_tflops: float, mfu: 
     lines += [f"  peak, {k:28s} {v / GIB:8.2f} GiB" for k, v in plan.phases.items()]
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines += [f"  -> {plan.peak / GIB:.1f} GiB of {HEADROOM:.0%} x {plan.gpu_memory / GIB:.0f} GiB: {verdict}", "",
-              f"time (assumed {gpu_tflops:g} TFLOPS per GPU at MFU {mfu:g}): {plan.flops_per_step / 1e15:.1f} PFLOP "
-              f"per step, {plan.step_s:.2f} s per step, {plan.epoch_s / 3600:.2f} h per epoch"]
+              f"time (assumed {gpu_tflops:g} TFLOPS per GPU at MFU {mfu:g}): {plan.flops_per_step / 1e12:.4g} TFLOP "
+              f"per step, {_duration(plan.step_s)} per step, {_duration(plan.epoch_s)} per epoch"]
     if not plan.fits:
         lines += ["to fit, change:"] + [f"  {h}" for h in fix_hints(cfg, plan.world, plan.gpu_memory / GIB, sharding)]
     return "\n".join(lines) + "\n"
