@@ -14,7 +14,6 @@ import argparse
 import copy
 import dataclasses
 import logging
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,10 +26,10 @@ from tokenizer.model import VQVAEConfig
 from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
 from var_mclr.files import config_file, write_text_atomic
 from var_mclr.kernels.logprob import IMPLS as LOGPROB_KERNELS
-from var_mclr.likelihood import NEGATIVE_MODES
 from var_mclr.hub import is_hub_name
 from var_mclr.model import VARConfig
-from var_mclr.objectives import OBJECTIVES, LossConfig
+from var_mclr.objectives import OBJECTIVES, LossConfig, objective_errors
+from var_mclr.objectives.base import nonnegative, positive, share
 
 
 class ConfigError(UserError, ValueError):
@@ -215,8 +214,7 @@ CHOICES = {
     "train.lr_schedule": ("cosine", "linear", "constant", "lin0"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.kernels": LOGPROB_KERNELS,
-    "loss.mclr.negatives": NEGATIVE_MODES,
-}
+}  # an objective's own choices are checked by its file (var_mclr/objectives/)
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
@@ -349,14 +347,9 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
             errors.append(f"{dotted} = {value!r} is not one of {allowed}")
     positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
                 "train.grad_accum": cfg.train.grad_accum, "data.num_classes": cfg.data.num_classes,
-                "data.resolution": cfg.data.resolution, "loss.mclr.K": cfg.loss.mclr.K}
+                "data.resolution": cfg.data.resolution}
     errors += [f"{k} must be positive, got {v}" for k, v in positive.items() if v <= 0]
-    tau = cfg.loss.mclr.tau
-    if isinstance(tau, str) and tau != "auto":
-        errors.append(f"loss.mclr.tau = {tau!r} must be a number > 0, null (uncapped) or auto")
-    errors += _objective_errors(cfg)
-    if not cfg.loss.mclr.tau_multiple > 0:
-        errors.append(f"loss.mclr.tau_multiple must be > 0, got {cfg.loss.mclr.tau_multiple}")
+    errors += objective_errors(cfg)  # each objective's section, by its own file
     errors += _batch_errors(cfg.train)
     if cfg.train.keep == "best_heldout" and cfg.run.eval_every == 0:
         errors.append("train.keep = best_heldout needs run.eval_every > 0 (the held-out evaluations it chooses from)")
@@ -380,18 +373,6 @@ def _check_values(cfg: Config, errors: list[str], check_files: bool) -> None:
                       "data.heldout_share is 0 (set it to e.g. 0.1)")
 
 
-def _objective_errors(cfg: Config) -> list[str]:
-    """Settings the objective cannot train with, which used to fail only at step 0, after config.yaml and tb/."""
-    objective, m, n = cfg.train.objective, cfg.loss.mclr, cfg.data.num_classes
-    if objective != "nll" and n < 2:  # every negative would be the positive itself
-        return [f"train.objective = {objective} contrasts each image's class with another class: it needs "
-                f"data.num_classes >= 2, got {n}"]
-    if objective == "mclr" and m.negatives == "all" and m.K != n - 1:
-        return [f"loss.mclr.negatives = all scores every mismatched class: loss.mclr.K must be "
-                f"data.num_classes - 1 = {n - 1}, got {m.K}"]
-    return []
-
-
 def _batch_errors(t: TrainConfig) -> list[str]:
     if t.global_batch is None:
         return [] if t.micro_batch is None else ["train.micro_batch needs train.global_batch (the images per step "
@@ -409,18 +390,9 @@ def _range_errors(cfg: Config) -> list[str]:
     """Numbers outside the range where they mean what their name says. Each of these used to train silently wrong
     (grad_clip < 0 ascends the gradient, 0 freezes the model, min_lr_ratio < 0 gives a negative rate) or to fail only
     after files were written (ckpt_every 0, log_every 0, tokenizer_train.steps 0)."""
-    t, loss, tt, run = cfg.train, cfg.loss, cfg.tokenizer_train, cfg.run
+    t, tt, run = cfg.train, cfg.tokenizer_train, cfg.run
 
-    def pos(v) -> bool:  # finite and > 0
-        return math.isfinite(v) and v > 0
-
-    def nonneg(v) -> bool:
-        return math.isfinite(v) and v >= 0
-
-    def share(v) -> bool:  # [0, 1)
-        return 0 <= v < 1
-
-    tau = loss.mclr.tau
+    pos, nonneg = positive, nonnegative  # the wording of every objective's rules too (var_mclr/objectives/base.py)
     rules = [
         # numpy's global seed (accelerate's set_seed) takes [0, 2**32): anything else fails after out_dir is made.
         ("run.seed", run.seed, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"),
@@ -432,17 +404,6 @@ def _range_errors(cfg: Config) -> list[str]:
         ("train.grad_clip", t.grad_clip, lambda v: v > 0, "> 0 (.inf turns clipping off)"),
         ("train.betas", t.betas, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
         ("train.max_nonfinite_in_row", t.max_nonfinite_in_row, lambda v: v >= 1, "an integer >= 1"),
-        ("loss.mclr.lam", loss.mclr.lam, nonneg, "a finite number >= 0"),
-        # tau = 0 caps every pair from step 0: the run would be the nll control under MCLR's name.
-        ("loss.mclr.tau", tau, lambda v: v is None or isinstance(v, str) or v > 0,
-         "a number > 0 (0 caps every pair: the nll control, train.objective = nll), null (uncapped) or auto"),
-        ("loss.cca.beta", loss.cca.beta, pos, "a finite number > 0"),
-        ("loss.cca.lam", loss.cca.lam, nonneg, "a finite number >= 0"),
-        ("loss.cca.uncond_ratio", loss.cca.uncond_ratio, share, "in [0, 1)"),
-        ("loss.cc_dpo.beta", loss.cc_dpo.beta, pos, "a finite number > 0"),
-        ("loss.cc_dpo.uncond_ratio", loss.cc_dpo.uncond_ratio, share, "in [0, 1)"),
-        ("loss.unlearning.lam", loss.unlearning.lam, nonneg, "a finite number >= 0"),
-        ("loss.unlearning.uncond_ratio", loss.unlearning.uncond_ratio, share, "in [0, 1)"),
         ("run.log_every", run.log_every, lambda v: v > 0, "an integer > 0"),
         ("run.ckpt_every", run.ckpt_every, lambda v: v > 0, "an integer > 0"),
         ("run.keep_ckpts", run.keep_ckpts, lambda v: v >= 1, "an integer >= 1"),

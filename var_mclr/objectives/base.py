@@ -1,0 +1,66 @@
+"""What every objective file declares (var_mclr/objectives/__init__.py holds the registry): the Objective record, the
+ClassPlan it returns, and the wording of a value rule, so that every objective reports errors alike."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class ClassPlan:
+    classes_BK: torch.Tensor  # column 0: the positive class; columns 1..: the classes it is contrasted with
+    mask_BK: torch.Tensor  # per-column flags: MCLR excludes roll collisions; CCA flags collisions and null-masked rows
+
+    def slice(self, sl: slice) -> "ClassPlan":
+        return ClassPlan(self.classes_BK[sl], self.mask_BK[sl])
+
+
+# (loss config, global labels, num_classes, class_dropout, generator) -> the classes every image is scored under
+Planner = Callable[[Any, torch.Tensor, int, float, torch.Generator], ClassPlan]
+# (loss config, l_BK, reference l_BK or None, flags, L) -> (loss, stats)
+LossFn = Callable[[Any, torch.Tensor, "torch.Tensor | None", torch.Tensor, int],
+                  tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (the objective's own settings, the whole run config, whether train.objective selects it) -> error lines
+Checker = Callable[[Any, Any, bool], list[str]]
+
+
+def _no_checks(settings, cfg, selected: bool) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective. Its file declares all of it; adding an objective is that file plus one line of
+    var_mclr/objectives/__init__.py (docs/method.md, "MCLR objective" and "Baselines")."""
+    name: str
+    plan: Planner
+    loss: LossFn
+    settings: type | None = None  # the dataclass of the config section loss.<name>; None: no settings
+    check: Checker = _no_checks  # value rules of loss.<name>, run by the config checker before any work
+    needs_reference: bool = False  # a frozen copy of the starting model scores the same rows without gradients
+    contrasts_classes: bool = True  # scores an image under another class: needs data.num_classes >= 2
+
+
+def positive(v) -> bool:  # finite and > 0
+    return math.isfinite(v) and v > 0
+
+
+def nonnegative(v) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+def share(v) -> bool:  # [0, 1)
+    return 0 <= v < 1
+
+
+def out_of_range(section: str, settings, rules: list[tuple[str, Callable[[Any], bool], str]]) -> list[str]:
+    """One line per rule (key, ok, what it must be) that loss.<section>.key breaks, in config.py's wording."""
+    return [f"loss.{section}.{key} = {getattr(settings, key)!r} is out of range: must be {allowed}"
+            for key, ok, allowed in rules if not ok(getattr(settings, key))]
+
+
+def no_flags(label_G: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(label_G, dtype=torch.bool).unsqueeze(1)

@@ -1,0 +1,64 @@
+"""mclr: the capped inter-class likelihood-ratio loss (docs/method.md, "MCLR objective", "The cap", "Negatives").
+Its cap `tau: auto` is measured from the starting model by var_mclr/calibration.py before the first step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from var_mclr import losses
+from var_mclr.likelihood import NEGATIVE_MODES, sample_negatives
+from var_mclr.objectives.base import ClassPlan, Objective, no_flags, nonnegative, out_of_range
+
+
+@dataclass
+class MCLRConfig:
+    lam: float = 1.0
+    K: int = 1
+    # Per-token cap on the log-ratio (docs/method.md, "The cap"): a number; null = uncapped (collapses); "auto" =
+    # tau_multiple x the starting model's mean per-token log-ratio on training pairs (var_mclr/calibration.py).
+    tau: float | str | None = "auto"
+    tau_multiple: float = field(default=2.0, metadata={"omitted_at_default": True})  # config.OMITTED_AT_DEFAULT
+    negatives: str = "uniform"  # likelihood.NEGATIVE_MODES: uniform | roll | null | mixed | all
+    smooth_cap: bool = False
+
+
+def check(m: MCLRConfig, cfg, selected: bool) -> list[str]:
+    errors = [] if m.negatives in NEGATIVE_MODES else [
+        f"loss.mclr.negatives = {m.negatives!r} is not one of {NEGATIVE_MODES}"]
+    errors += [] if m.K > 0 else [f"loss.mclr.K must be positive, got {m.K}"]
+    if isinstance(m.tau, str) and m.tau != "auto":
+        errors.append(f"loss.mclr.tau = {m.tau!r} must be a number > 0, null (uncapped) or auto")
+    n = cfg.data.num_classes
+    if selected and n >= 2 and m.negatives == "all" and m.K != n - 1:
+        errors.append(f"loss.mclr.negatives = all scores every mismatched class: loss.mclr.K must be "
+                      f"data.num_classes - 1 = {n - 1}, got {m.K}")
+    if not m.tau_multiple > 0:
+        errors.append(f"loss.mclr.tau_multiple must be > 0, got {m.tau_multiple}")
+    return errors + out_of_range("mclr", m, [
+        ("lam", nonnegative, "a finite number >= 0"),
+        # tau = 0 caps every pair from step 0: the run would be the nll control under MCLR's name.
+        ("tau", lambda v: v is None or isinstance(v, str) or v > 0,
+         "a number > 0 (0 caps every pair: the nll control, train.objective = nll), null (uncapped) or auto")])
+
+
+def plan(cfg, label_G: torch.Tensor, num_classes: int, class_dropout: float, generator: torch.Generator) -> ClassPlan:
+    m = cfg.mclr
+    neg_GK, exclude_GK = sample_negatives(label_G, num_classes, K=m.K, mode=m.negatives, generator=generator)
+    pos_G = label_G
+    if class_dropout > 0:  # dropped rows train the null class by nll alone: their ratio terms are excluded
+        drop_G = torch.rand(label_G.shape, generator=generator) < class_dropout
+        pos_G = torch.where(drop_G, torch.full_like(label_G, num_classes), label_G)
+        exclude_GK = exclude_GK | drop_G.unsqueeze(1)
+    return ClassPlan(torch.cat((pos_G.unsqueeze(1), neg_GK), 1), torch.cat((no_flags(label_G), exclude_GK), 1))
+
+
+def loss(cfg, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
+    m = cfg.mclr
+    if isinstance(m.tau, str):
+        raise ValueError(f"loss.mclr.tau = {m.tau!r} must be resolved to a number first (var_mclr.calibration)")
+    return losses.mclr_loss(l_BK[:, 0], l_BK[:, 1:], L, lam=m.lam, tau=m.tau, smooth_cap=m.smooth_cap,
+                            exclude_BK=mask_BK[:, 1:])
+
+
+OBJECTIVE = Objective("mclr", plan, loss, settings=MCLRConfig, check=check)
