@@ -13,8 +13,6 @@ ROOT/ablations-s{seed}-n{N}/ablations.md.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import time
@@ -24,14 +22,10 @@ import torch
 from accelerate import Accelerator
 
 from eval.compare import fmt
-from eval.fid import evaluate, feature_backend
-from eval.sampling_run import load_for_eval
-from eval.settings import EvalSettings
-from experiments.pipeline import MNIST_CONFIGS, pipeline, run_stage, stage
-from var_mclr.checkpoints import read_model_info
+from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, markdown_table, train_stage
+from experiments.pipeline import MNIST_CONFIGS
 from var_mclr.config import load_config
 from var_mclr.files import write_text_atomic
-from var_mclr.train import train
 
 log = logging.getLogger("experiments.ablations")
 COLUMNS = ("fid", "precision", "recall", "class_accuracy", "train_seconds")
@@ -54,50 +48,47 @@ def ablations(steps: int) -> list[tuple[str, list[str], float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="runs/mnist")
+    p = experiment_parser(__doc__, num_samples=5000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=5000)
     args = p.parse_args(argv)
     root = Path(args.root)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    base = pipeline(root, args.seed, [], finetunes=())["base"]
-    tok = read_model_info(base)["source_config"]["tokenizer"]["checkpoint"]
-    common = EvalSettings(ckpt=str(base), num_samples=args.num_samples, seed=args.seed, cache_dir=str(root / "cache"))
-    vae, _, _ = load_for_eval(str(base))
-    net, ref = feature_backend(common, vae.resolution, accelerator.device)
+    scoring = Scoring.of_seed(root, args.seed, args.num_samples, accelerator, seed=args.seed)
     out = root / f"ablations-s{args.seed}-n{args.num_samples}"
     steps = load_config(MNIST_CONFIGS / "mclr.yaml", check_files=False).train.steps
-    lines = ["| ablation | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    rows = []
     for name, overrides, cfg_scale in ablations(steps):
         # the sweep's stage name: the tuned K = 1 model is the sweep's, not retrained
-        cfg, ckpt = stage(f"sweep-mclr-s{args.seed}", "mclr.yaml", root,
-                          [f"tokenizer.checkpoint={tok}", f"run.seed={args.seed}", f"model.init={base}", *overrides])
+        cfg, ckpt = finetune_stage("mclr", args.seed, root, scoring.base, overrides)
         timing = ckpt.parent / "train_seconds.json"
         if not ckpt.exists():
-            resumed = (ckpt.parent / "checkpoints").is_dir()
-            tic = time.perf_counter()
-            run_stage(cfg, ckpt, train)
-            if resumed:  # the time would cover only the steps after the checkpoint
-                log.warning("%s resumed from a checkpoint: its training time is not recorded", ckpt.parent)
-            else:
-                write_text_atomic(timing, json.dumps(time.perf_counter() - tic))
-        row_file = out / f"{ckpt.parent.name}-cfg{cfg_scale:g}.json"
-        if row_file.is_file():
-            row = json.loads(row_file.read_text())
-        else:
-            run = dataclasses.replace(common, ckpt=str(ckpt), guidance="cfg" if cfg_scale else "none",
-                                      cfg_scale=cfg_scale, out_dir=str(row_file.with_suffix("")))
-            metrics = evaluate(run, net, ref, accelerator)["metrics"]
+            train_timed(cfg, ckpt, timing)
+
+        def score():
+            metrics = scoring.metrics(out / f"{ckpt.parent.name}-cfg{cfg_scale:g}", ckpt=str(ckpt),
+                                      guidance="cfg" if cfg_scale else "none", cfg_scale=cfg_scale)
             row = {k: metrics.get(k) for k in COLUMNS}
             row["train_seconds"] = json.loads(timing.read_text()) if timing.is_file() else None
-            write_text_atomic(row_file, json.dumps(row))
-        lines.append(f"| {name} | " + " | ".join(fmt(row.get(k)) for k in COLUMNS) + " |")
+            return row
+
+        row = cached_row(out / f"{ckpt.parent.name}-cfg{cfg_scale:g}.json", score)
+        rows.append([name, *(fmt(row.get(k)) for k in COLUMNS)])
         log.info("%s: %s", name, row)
-    table = "\n".join(lines) + "\n"
+    table = markdown_table(["ablation", *COLUMNS], rows)
     write_text_atomic(out / "ablations.md", table)
-    print(table)
+    log.info("ablations:\n%s", table)
+
+
+def train_timed(cfg, ckpt: Path, timing: Path) -> None:
+    """Train the stage and record its wall time, unless it resumed (the time would cover only the steps after the
+    checkpoint)."""
+    resumed = (ckpt.parent / "checkpoints").is_dir()
+    tic = time.perf_counter()
+    train_stage(cfg, ckpt)
+    if resumed:
+        log.warning("%s resumed from a checkpoint: its training time is not recorded", ckpt.parent)
+    else:
+        write_text_atomic(timing, json.dumps(time.perf_counter() - tic))
 
 
 if __name__ == "__main__":

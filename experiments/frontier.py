@@ -14,11 +14,8 @@ to docs/frontier.png (--plot).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -29,13 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from eval.fid import evaluate, feature_backend  # noqa: E402
-from eval.sampling_run import load_for_eval  # noqa: E402
-from eval.settings import EvalSettings  # noqa: E402
-from experiments.pipeline import pipeline, run_stage, stage  # noqa: E402
-from var_mclr.checkpoints import read_model_info  # noqa: E402
+from experiments.common import (Scoring, cached_row, experiment_parser, finetune_stage,  # noqa: E402
+                                markdown_table, spread, train_stage)
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
-from var_mclr.train import train  # noqa: E402
 
 log = logging.getLogger("experiments.frontier")
 
@@ -50,31 +43,24 @@ KNOBS = {
 METRICS = ("fid", "precision", "recall", "class_accuracy")
 
 
-def point_metrics(method: str, value: float, seed: int, root: Path, base: Path, common: EvalSettings, net, ref,
-                  accelerator) -> dict:
+def point_metrics(method: str, value: float, seed: int, root: Path, scoring: Scoring) -> dict:
     """Metrics of one (method, knob value, seed) point; trained and scored once, then read back."""
-    knob = KNOBS[method][0]
+    points = root / f"frontier-points-n{scoring.common.num_samples}"
     if method == "cfg":
-        ckpt, out = base, root / f"frontier-points-n{common.num_samples}" / f"cfg{value:g}-s{seed}"
-        run = dataclasses.replace(common, ckpt=str(base), guidance="cfg", cfg_scale=value, seed=seed)
+        out, run = points / f"cfg{value:g}-s{seed}", {"guidance": "cfg", "cfg_scale": value}
     else:
-        tok = read_model_info(base)["source_config"]["tokenizer"]["checkpoint"]
-        overrides = [f"tokenizer.checkpoint={tok}", f"run.seed={seed}", f"model.init={base}", f"{knob}={value}"]
-        # the sweep's stage name: a point whose settings the sweep already trained is reused, not retrained
-        cfg, ckpt = stage(f"sweep-{method}-s{seed}", f"{method}.yaml", root, overrides)
-        run_stage(cfg, ckpt, train)
-        out = root / f"frontier-points-n{common.num_samples}" / f"{ckpt.parent.name}"
-        run = dataclasses.replace(common, ckpt=str(ckpt), guidance="none", cfg_scale=0.0, seed=seed)
-    row_file = out / "point.json"
-    if row_file.is_file():
-        return json.loads(row_file.read_text())
-    metrics = evaluate(dataclasses.replace(run, out_dir=str(out)), net, ref, accelerator)["metrics"]
-    row = {k: metrics.get(k) for k in METRICS}
-    write_text_atomic(row_file, json.dumps(row))
-    return row
+        cfg, ckpt = finetune_stage(method, seed, root, scoring.base, [f"{KNOBS[method][0]}={value}"])
+        train_stage(cfg, ckpt)
+        out, run = points / ckpt.parent.name, {"ckpt": str(ckpt), "guidance": "none", "cfg_scale": 0.0}
+
+    def score():
+        metrics = scoring.metrics(out, seed=seed, **run)
+        return {k: metrics.get(k) for k in METRICS}
+
+    return cached_row(out / "point.json", score)
 
 
-def summarise(points: dict) -> dict:
+def summarise_points(points: dict) -> dict:
     """method -> list of {value, metric: {mean, std, values}} in knob order."""
     out = {}
     for method, by_value in points.items():
@@ -84,8 +70,7 @@ def summarise(points: dict) -> dict:
             for k in METRICS:
                 vals = [r[k] for r in rows if r.get(k) is not None]
                 if vals:
-                    entry[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                                "values": vals}
+                    entry[k] = spread(vals)
             out[method].append(entry)
     return out
 
@@ -138,11 +123,8 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="runs/mnist")
+    p = experiment_parser(__doc__, num_samples=5000)
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
-    p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--methods", nargs="*", default=list(KNOBS), choices=list(KNOBS))
     p.add_argument("--plot", default=None, help="also write the figure here (e.g. docs/frontier.png)")
     args = p.parse_args(argv)
@@ -150,23 +132,30 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     points: dict[str, dict[float, list[dict]]] = {m: {v: [] for v in KNOBS[m][1]} for m in args.methods}
     for seed in args.seeds:
-        base = pipeline(root, seed, [], finetunes=())["base"]
-        common = EvalSettings(ckpt=str(base), num_samples=args.num_samples, cache_dir=str(root / "cache"))
-        vae, _, _ = load_for_eval(str(base))
-        net, ref = feature_backend(common, vae.resolution, accelerator.device)
+        scoring = Scoring.of_seed(root, seed, args.num_samples, accelerator)
         for method in args.methods:
             for value in KNOBS[method][1]:
-                row = point_metrics(method, value, seed, root, base, common, net, ref, accelerator)
+                row = point_metrics(method, value, seed, root, scoring)
                 points[method][value].append(row)
                 log.info("seed %d %s %s=%g: %s", seed, method, KNOBS[method][0], value, row)
-    summary = summarise(points)
+    summary = summarise_points(points)
     out = root / f"frontier-n{args.num_samples}-s{'-'.join(map(str, args.seeds))}"
-    lines = ["| method | knob | value | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
-    for method, entries in summary.items():
-        for e in entries:
-            cells = [f"{e[k]['mean']:.4g} ± {e[k]['std']:.2g}" if k in e else "n/a" for k in METRICS]
-            lines.append(f"| {method} | {KNOBS[method][0]} | {e['value']:g} | " + " | ".join(cells) + " |")
-    verdicts = {}
+    table, verdicts = report(summary)
+    write_text_atomic(out / "frontier.md", table)
+    write_text_atomic(out / "frontier.json", json.dumps({"summary": summary, "matched_recall": verdicts,
+                                                          "seeds": args.seeds}, indent=2))
+    plot(summary, out / "frontier.png")
+    if args.plot:
+        plot(summary, Path(args.plot))
+    log.info("frontier:\n%s", table)
+
+
+def report(summary: dict) -> tuple[str, dict]:
+    """The table of every point (mean +- std over seeds) and MCLR's verdict against each other method."""
+    rows = [[method, KNOBS[method][0], f"{e['value']:g}",
+             *(f"{e[k]['mean']:.4g} ± {e[k]['std']:.2g}" if k in e else "n/a" for k in METRICS)]
+            for method, entries in summary.items() for e in entries]
+    lines, verdicts = [markdown_table(["method", "knob", "value", *METRICS], rows).rstrip("\n")], {}
     if "mclr" in summary:
         lines += ["", "At matched recall (mean FID gap, MCLR minus the other; negative = MCLR lower):", ""]
         for other in summary:
@@ -179,14 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                 lines.append(f"- vs {other}: recall {v['overlap'][0]:.3f}-{v['overlap'][1]:.3f}, mean gap "
                              f"{v['mean_fid_gap']:+.2f}, MCLR lower on {100 * v['a_lower_share']:.0f}% of it, "
                              f"crossings at {', '.join(f'{c:.3f}' for c in v['crossings']) or 'none'}")
-    table = "\n".join(lines) + "\n"
-    write_text_atomic(out / "frontier.md", table)
-    write_text_atomic(out / "frontier.json", json.dumps({"summary": summary, "matched_recall": verdicts,
-                                                          "seeds": args.seeds}, indent=2))
-    plot(summary, out / "frontier.png")
-    if args.plot:
-        plot(summary, Path(args.plot))
-    print(table)
+    return "\n".join(lines) + "\n", verdicts
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""experiments/common.py, what the experiment scripts share: cached rows, summaries over seeds and tables."""
+from __future__ import annotations
+
+import json
+
+from experiments.common import cached_row, markdown_table, spread
+from experiments.frontier import report, summarise_points
+
+
+def test_a_cached_row_is_computed_once(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"fid": 1.5, "recall": None}
+
+    path = tmp_path / "point" / "row.json"
+    assert cached_row(path, compute) == {"fid": 1.5, "recall": None}
+    assert cached_row(path, compute) == json.loads(path.read_text()) and len(calls) == 1
+
+
+def test_tables_and_spread():
+    assert markdown_table(["a", "b"], [["1", "2"], ["3", "4"]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |\n"
+    assert spread([1.0, 3.0]) == {"mean": 2.0, "std": 2 ** 0.5, "values": [1.0, 3.0]}
+    assert spread([2.0])["std"] == 0.0
+
+
+def test_frontier_report_reads_mean_and_spread_over_seeds():
+    rows = {"cfg": {1.0: [{"fid": 10.0, "recall": 0.2, "precision": 0.8}, {"fid": 12.0, "recall": 0.4,
+                                                                            "precision": 0.6}]},
+            "mclr": {3.0: [{"fid": 8.0, "recall": 0.3, "precision": 0.7, "class_accuracy": None}]}}
+    summary = summarise_points(rows)
+    assert summary["cfg"][0]["fid"]["mean"] == 11.0 and "class_accuracy" not in summary["mclr"][0]
+    table, verdicts = report(summary)
+    assert table.splitlines()[:4] == [
+        "| method | knob | value | fid | precision | recall | class_accuracy |", "|---|---|---|---|---|---|---|",
+        "| cfg | cfg_scale | 1 | 11 ± 1.4 | 0.7 ± 0.14 | 0.3 ± 0.14 | n/a |",
+        "| mclr | loss.mclr.lam | 3 | 8 ± 0 | 0.7 ± 0 | 0.3 ± 0 | n/a |"]
+    assert verdicts["cfg"]["overlap"] is None  # one point each: no recall range to compare over
