@@ -5,8 +5,6 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from tokenizer.quant import VectorQuantizer2
 from var_mclr.likelihood import (cca_labels, implicit_classifier_logprobs, loglik, loglik_all_classes,
