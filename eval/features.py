@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.metrics import feature_statistics, from_uint8_nhwc, load_samples_npz, load_statistics
+from eval.metrics import feature_statistics, from_uint8_nhwc, iter_samples_npz, load_statistics
 from eval.networks.dinov2 import load_dinov2
 from eval.networks.inception import load_inception
 from eval.networks.mnist_cnn import SHIPPED, load_or_train_mnist_classifier, load_shipped_mnist_classifier
@@ -211,18 +211,19 @@ def file_reference(net: FeatureNet, path: str, resolution: int, device) -> Refer
     if not has_images:
         mu, sigma = load_statistics(path, expected_dim=net.feat_dim or None)
         return Reference(mu, sigma, None, f"{path} (statistics only: no precision/recall)", "stored")
-    images = load_samples_npz(path)
-    if images.shape[1:3] != (resolution, resolution):
-        raise ValueError(f"reference batch {path} holds {images.shape[1]}x{images.shape[2]} images but the samples "
+    chunks = iter_samples_npz(path, chunk=net.batch_size)
+    shape = next(chunks)
+    if shape[1:3] != (resolution, resolution):
+        raise ValueError(f"reference batch {path} holds {shape[1]}x{shape[2]} images but the samples "
                          f"are {resolution}x{resolution}; use a reference batch at the sampling resolution")
-    feats = net.outputs(torch.from_numpy(images), device).features_ND
-    source = f"{path} ({len(images)} images)"
+    feats = torch.cat([net.outputs(torch.from_numpy(c.copy()), device).features_ND for c in chunks])
+    source = f"{path} ({shape[0]} images)"
     if has_stats:
         try:
             mu, sigma = load_statistics(path, expected_dim=feats.shape[1])
             return Reference(mu, sigma, feats, source, "stored")
         except ValueError as e:
             # ADM's batches store Inception statistics; another network (DINOv2) must use the images.
-            log.warning("%s; FID statistics computed from the %d images instead", e, len(images))
+            log.warning("%s; FID statistics computed from the %d images instead", e, shape[0])
     mu, sigma = feature_statistics(feats)
     return Reference(mu, sigma, feats, source, "computed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,24 @@ def load_samples_npz(path: str) -> np.ndarray:
         arr = z["arr_0"]
     _check_samples(arr, path)
     return arr
+
+
+def iter_samples_npz(path: str, chunk: int = 500):
+    """arr_0 of an ADM-style .npz, checked like load_samples_npz, as (shape, chunks of at most `chunk` images): the
+    member is streamed out of the archive, so a 10,000-image 256 px reference batch (2 GB) is never held whole."""
+    with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            raise ValueError(f"{path}: no 'arr_0' array (found {sorted(n[:-4] for n in zf.namelist())})")
+        with zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+                raise ValueError(f"{path}: samples must be uint8 N x H x W x 3 (C order), got {dtype} {shape}")
+            row = int(np.prod(shape[1:]))
+            yield shape
+            for start in range(0, shape[0], chunk):
+                n = min(chunk, shape[0] - start)
+                yield np.frombuffer(f.read(n * row), dtype=np.uint8).reshape(n, *shape[1:])
+

@@ -189,3 +189,20 @@ def test_frechet_distance_refuses_non_finite_statistics():
     mu, sigma = np.zeros(3), np.eye(3)
     with pytest.raises(ValueError, match="NaN or inf"):
         frechet_distance(mu, sigma, np.full(3, np.nan), sigma)
+
+
+def test_reference_images_stream_out_of_the_archive_in_chunks(tmp_path):
+    from eval.metrics import iter_samples_npz
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
+    for save in (np.savez, np.savez_compressed):
+        with open(tmp_path / "ref.npz", "wb") as f:
+            save(f, arr_0=images, mu=np.zeros(3))
+        chunks = iter_samples_npz(str(tmp_path / "ref.npz"), chunk=3)
+        assert next(chunks) == (7, 5, 5, 3)
+        parts = list(chunks)
+        assert [len(p) for p in parts] == [3, 3, 1] and np.array_equal(np.concatenate(parts), images)
+    with open(tmp_path / "f.npz", "wb") as f:
+        np.savez(f, arr_0=images.astype(np.float32))
+    with pytest.raises(ValueError, match="must be uint8"):
+        next(iter_samples_npz(str(tmp_path / "f.npz")))
