@@ -22,8 +22,9 @@ import torch
 from accelerate import Accelerator
 
 from eval.compare import fmt
-from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, markdown_table, train_stage
+from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage
 from experiments.pipeline import MNIST_CONFIGS
+from experiments.tables import markdown_table
 from var_mclr.config import load_config
 from var_mclr.files import write_text_atomic
 

@@ -1,14 +1,14 @@
 """What the MNIST experiment scripts share (experiments/sweep.py, ablations.py, frontier.py), so that each of them
 only declares what it runs: the demo's base and its tokenizer, fine-tuned stages named as the sweep names them (a
-point one script trained is reused by the others), one scoring setup per base, cached evaluation rows, mean and
-spread over seeds, and markdown tables. The stages themselves are experiments/pipeline.py's."""
+point one script trained is reused by the others), one scoring setup per base and cached evaluation rows; mean and
+spread over seeds and markdown tables come from experiments/tables.py (the pipeline's too). The stages themselves
+are experiments/pipeline.py's."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import logging
-import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -85,14 +85,3 @@ def cached_row(path: Path, compute: Callable[[], dict]) -> dict:
     row = compute()
     write_text_atomic(path, json.dumps(row))
     return row
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value) and the values themselves, as the summaries record them."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from experiments.common import (Scoring, cached_row, experiment_parser, finetune_stage,  # noqa: E402
-                                markdown_table, spread, train_stage)
+from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage  # noqa: E402
+from experiments.tables import markdown_table, spread  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("experiments.frontier")

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import statistics
 from pathlib import Path
 
 from eval.compare import COLUMNS, compare
@@ -44,6 +43,7 @@ from eval.sampling_run import load_for_eval
 from eval.settings import EvalSettings
 from eval.stage_checks import (base_problem, base_report, checks_block, evaluator_problem, tokenizer_problem,
                                tokenizer_report)
+from experiments.tables import markdown_table, spread
 from var_mclr.checkpoints import is_complete_result, load_model
 from var_mclr.config import Config, load_config
 from var_mclr.data import check_split_classes, class_dirs
@@ -205,8 +205,7 @@ def summarise(per_seed: list[list[dict]], out: Path) -> str:
     """Mean and spread (sample std over seeds) of every column, per row; written to out/summary.{md,json}."""
     out.mkdir(parents=True, exist_ok=True)
     names = [r["name"] for r in per_seed[0]]
-    lines = [f"| model | {' | '.join(COLUMNS)} |", "|---|" + "---|" * len(COLUMNS)]
-    summary = {}
+    rows, summary = [], {}
     for i, name in enumerate(names):
         cells, summary[name] = [], {}
         for k in COLUMNS:
@@ -214,12 +213,10 @@ def summarise(per_seed: list[list[dict]], out: Path) -> str:
             if not vals:
                 cells.append("n/a")
                 continue
-            mean = statistics.fmean(vals)
-            spread = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            summary[name][k] = {"mean": mean, "std": spread, "values": vals}
-            cells.append(f"{mean:.4g} ± {spread:.2g}" if len(vals) > 1 else f"{mean:.4g}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
+            s = summary[name][k] = spread(vals)
+            cells.append(f"{s['mean']:.4g} ± {s['std']:.2g}" if len(vals) > 1 else f"{s['mean']:.4g}")
+        rows.append([name, *cells])
+    table = markdown_table(["model", *COLUMNS], rows)
     write_text_atomic(out / "summary.md", table)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return table
@@ -232,15 +229,14 @@ def best_settings(summary: dict) -> str:
     for name in summary:  # in the order the strengths were run, strongest fine-tuning and weakest CFG first
         method = "CFG" if name.startswith("base+cfg") else name.split("-")[0]
         groups.setdefault(method, []).append(name)
-    lines = ["| method | best setting | FID | class_accuracy | recall | at an edge of the grid |",
-             "|---|---|---|---|---|---|"]
+    rows = []
     for method, names in groups.items():
         best = min(names, key=lambda n: summary[n].get("fid", {}).get("mean", math.inf))
         cells = [f"{summary[best][k]['mean']:.4g}" if k in summary[best] else "n/a"
                  for k in ("fid", "class_accuracy", "recall")]
         edge = "-" if len(names) == 1 else "yes" if best in (names[0], names[-1]) else "no"
-        lines.append(f"| {method} | {best} | " + " | ".join(cells) + f" | {edge} |")
-    return "\n".join(lines) + "\n"
+        rows.append([method, best, *cells, edge])
+    return markdown_table(["method", "best setting", "FID", "class_accuracy", "recall", "at an edge of the grid"], rows)
 
 
 def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str],

@@ -15,7 +15,8 @@ from pathlib import Path
 from eval.compare import fmt
 from eval.sampling_run import load_for_eval
 from eval.separation import separation
-from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, markdown_table, train_stage
+from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage
+from experiments.tables import markdown_table
 from var_mclr.data import build_dataset
 from var_mclr.files import write_text_atomic
 

@@ -1,10 +1,11 @@
-"""experiments/common.py, what the experiment scripts share: cached rows, summaries over seeds and tables."""
+"""experiments/common.py and tables.py, what the experiment scripts share: cached rows, summaries and tables."""
 from __future__ import annotations
 
 import json
 
-from experiments.common import cached_row, markdown_table, spread
+from experiments.common import cached_row
 from experiments.frontier import report, summarise_points
+from experiments.tables import markdown_table, spread
 
 
 def test_a_cached_row_is_computed_once(tmp_path):
