@@ -148,17 +148,7 @@ def _train_classifier(x_N3HW: torch.Tensor, y_N: torch.Tensor, x_heldout: torch.
     t0 = time.perf_counter()
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(len(y_N), generator=g)
-        for s in range(0, len(y_N), batch_size):
-            idx = perm[s:s + batch_size]
-            x = _shift_augment(x_N3HW[idx], g, max_shift, pad_value)
-            if hflip:
-                x = torch.where((torch.rand(len(idx), generator=g) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
-            loss = F.cross_entropy(model.logits(x), y_N[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        loss = _train_epoch(model, opt, x_N3HW, y_N, g, batch_size, max_shift, pad_value, hflip, sched.step)
         log.info("eval classifier epoch %d/%d: last batch loss %.4f (%.1fs)", epoch + 1, epochs, loss.item(),
                  time.perf_counter() - t0)
     model.eval()
@@ -184,6 +174,24 @@ def train_classifier_until_plateau(x_N3HW: torch.Tensor, y_N: torch.Tensor, x_st
         torch.set_num_threads(prev_threads)
 
 
+def _train_epoch(model: MnistCNN, opt, x_N3HW: torch.Tensor, y_N: torch.Tensor, g: torch.Generator, batch_size: int,
+                 max_shift: int, pad_value: float | None, hflip: bool, after_step=None) -> torch.Tensor:
+    """One pass in a random order from g, each batch shifted (and mirrored with hflip); returns the last loss."""
+    perm = torch.randperm(len(y_N), generator=g)
+    for s in range(0, len(y_N), batch_size):
+        idx = perm[s:s + batch_size]
+        x = _shift_augment(x_N3HW[idx], g, max_shift, pad_value)
+        if hflip:
+            x = torch.where((torch.rand(len(idx), generator=g) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
+        loss = F.cross_entropy(model.logits(x), y_N[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+    return loss
+
+
 @torch.no_grad()
 def _stop_score(model: MnistCNN, x_N3HW: torch.Tensor, y_N: torch.Tensor) -> tuple[float, float]:
     """(accuracy, -mean cross-entropy) on the stop set: larger is better, compared as a tuple."""
@@ -206,16 +214,8 @@ def _train_until_plateau(x_N3HW, y_N, x_stop, y_stop, num_classes, seed, max_epo
     best, best_state, since, t0 = None, None, 0, time.perf_counter()
     model.train()
     for epoch in range(max_epochs):
-        perm = torch.randperm(len(y_N), generator=g)
-        for s in range(0, len(y_N), batch_size):
-            idx = perm[s:s + batch_size]
-            x = _shift_augment(x_N3HW[idx], g, max_shift, None)  # edge pixels repeated: no uniform background
-            if hflip:
-                x = torch.where((torch.rand(len(idx), generator=g) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
-            loss = F.cross_entropy(model.logits(x), y_N[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        # pad_value None: edge pixels repeated, no uniform background
+        _train_epoch(model, opt, x_N3HW, y_N, g, batch_size, max_shift, None, hflip)
         score = _stop_score(model, x_stop, y_stop)
         sched.step(score[0])
         if best is None or score > best:
