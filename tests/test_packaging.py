@@ -2,7 +2,6 @@
 paths the docs give resolve to the shipped copy from any directory (var_mclr/files.py, config_file)."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_config_is_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the project supports 3.10)
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     root = setuptools["package-dir"]["var_mclr.configs"]
     shipped = set()
