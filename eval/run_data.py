@@ -113,7 +113,8 @@ def _stop_split(y_N: torch.Tensor, share: float = STOP_SHARE) -> tuple[torch.Ten
     stop = []
     for c in y_N.unique():
         members = (y_N == c).nonzero().flatten()
-        stop.append(members[-max(1, math.ceil(share * len(members))):])
+        take = min(len(members) - 1, max(1, math.ceil(share * len(members))))  # a 1-image class trains on it
+        stop.append(members[len(members) - take:])
     stop_N = torch.cat(stop)
     keep = torch.ones(len(y_N), dtype=torch.bool)
     keep[stop_N] = False
