@@ -16,11 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from experiments.pipeline import FINETUNES, MNIST_CONFIGS, config_hash, pipeline, run_all, run_stage, stage, summarise
+from experiments.pipeline import run_all
 from var_mclr.errors import add_debug_flag, reporting_user_errors
-
-__all__ = ["CONFIGS", "FINETUNES", "config_hash", "demo", "main", "pipeline", "run_stage", "stage", "summarise"]
-CONFIGS = MNIST_CONFIGS
 
 
 def demo(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str]) -> None:
