@@ -299,7 +299,7 @@ def balanced_tables(C, V, eps, seed=0):
     p_u_V = p_u_V / p_u_V.sum()
     d_CV = torch.randn(C, V, generator=g, dtype=torch.float64)
     d_CV = d_CV - d_CV.mean(0, keepdim=True)
-    d_CV = d_CV - (d_CV * p_u_V).sum(1, keepdim=True)  # keeps the class sum at 0: the class means of d are too
+    d_CV = d_CV - (d_CV * p_u_V).sum(1, keepdim=True)  # the subtracted means sum to 0 too: the class sum stays 0
     return p_u_V * (1 + eps * d_CV)
 
 
@@ -351,7 +351,7 @@ def moved_cfg(p_CV, lam):
     cfg_target(lambda lam, C: lam),  # CFG at t = lam: the strengths do not map one to one
     cfg_target(lambda lam, C: 1.2 * lam * C / (C - 1)),
     lambda p_CV, lam: p_CV.numpy(),  # no guidance at all
-    lambda p_CV, lam: moved_cfg(p_CV, lam),
+    moved_cfg,
 ], ids=["t=lam", "t*1.2", "unguided", "moved"])
 def test_first_order_check_refuses_targets_other_than_cfg(target):
     with pytest.raises(AssertionError):
