@@ -129,8 +129,8 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
     vae, var = vae.to(device), var.to(device)
     sampling = args.sampling(var.num_classes)
     data = recorded_data(args.ckpt)
-    if net is None or ref is None:
-        net, ref = feature_backend(args, vae.resolution, device, data)
+    if net is None or ref is None:  # the reference is the main process's alone: the others only embed shards
+        net, ref = feature_backend(args, vae.resolution, device, data, accelerator.is_main_process)
     fps = (fingerprint({"checkpoint": provenance, "sampling": sampling.__dict__, "seed": args.seed,
                         "batch_size": args.batch_size}),
            fingerprint({"network": net.name, "weights": net.weights_sha256}))
@@ -175,7 +175,7 @@ def eval_record(args: EvalSettings, sampling, var, provenance: dict, net: Featur
         "feature_network": {"name": net.name, "description": net.description, "weights_sha256": net.weights_sha256,
                             "heldout_accuracy": net.heldout_accuracy,
                             "class_accuracy": net.class_accuracy_basis(var.num_classes)[1]},
-        "reference": ref.record(),
+        "reference": ref.record() if ref is not None else None,  # None: a process other than the main one
         "code_version": code_version(),
         "metrics": {},
     }
@@ -212,10 +212,11 @@ def read_outputs(out_dir: Path) -> dict:
     return record
 
 
-def feature_backend(args: EvalSettings, resolution: int, device, data: dict | None = None
-                    ) -> tuple[FeatureNet, Reference]:
+def feature_backend(args: EvalSettings, resolution: int, device, data: dict | None = None,
+                    with_reference: bool = True) -> tuple[FeatureNet, Reference | None]:
     """The feature network and its reference. data: what the generator was trained on (eval/run_data.py,
-    recorded_data; None when unknown): the mnist and classifier features compare with its training split."""
+    recorded_data; None when unknown): the mnist and classifier features compare with its training split.
+    with_reference False (processes other than the main one, which only embed their shards): no reference."""
     if args.features in OWN_DATA_NETWORKS:
         if args.features == "mnist" and data is not None and data["name"] != "mnist":
             raise DataSpecError(f"--features mnist scores against the MNIST digits but {args.ckpt} was trained on "
@@ -225,14 +226,14 @@ def feature_backend(args: EvalSettings, resolution: int, device, data: dict | No
                                 "use --features mnist, inception or dinov2")
         data = {**(data or {"name": "mnist", "num_classes": 10}), "resolution": resolution}
         net, _ = own_classifier_net(data, Path(args.cache_dir))
-        return net, embedded_reference(net, data, device)
+        return net, embedded_reference(net, data, device) if with_reference else None
     args.check()  # a reference only with the features that read one
     flag = "--inception-weights" if args.features == "inception" else "--dinov2-path"
     with named_file_errors(flag, args.inception_weights if args.features == "inception" else args.dinov2_path):
         net = inception_net(local_file(args.inception_weights), device, args.class_map) \
             if args.features == "inception" else dinov2_net(local_file(args.dinov2_path), device)
     with named_file_errors("--reference", args.reference):
-        return net, file_reference(net, local_path(args.reference), resolution, device)
+        return net, file_reference(net, local_path(args.reference), resolution, device) if with_reference else None
 
 
 def local_file(path: str | None) -> str | None:

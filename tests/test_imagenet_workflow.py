@@ -7,7 +7,8 @@ is tested. Only paths and sizes change:
 - /data/imagenet is a 10-class ImageNet-style folder (train/<wnid>/*.JPEG and val/<wnid>/*.JPEG) of 12 px images;
 - the Inception weights are random, in the TF-FID layout; the ADM reference batch is written in ADM's layout;
 - sizes are appended as --set / flags (argparse and --set take the last value given).
-One training command runs on two CPU processes (accelerate launch --multi_gpu --num_processes 2, gloo).
+One training command and one evaluation run on two CPU processes (accelerate launch --multi_gpu --num_processes 2,
+gloo): the evaluation's processes write their own shards, the main one scores them all.
 """
 from __future__ import annotations
 
@@ -117,7 +118,8 @@ def workflow(tmp_path_factory):
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     outputs = []
     for command in readme_commands():
-        argv = localise(command, work, work / "imagenet", two_processes="objective=cca" in command)
+        two = "objective=cca" in command or ("fid.py" in command and "--guidance cfg" in command)
+        argv = localise(command, work, work / "imagenet", two_processes=two)
         done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         outputs.append((command, done.stdout, done.stderr))
@@ -157,6 +159,8 @@ def test_a_fine_tune_of_the_official_pth_is_evaluated_with_no_extra_flag(workflo
 def test_the_official_pair_is_evaluated_with_cfg_and_compared(workflow):
     work, outputs = workflow
     record = json.loads((work / "runs/var_d16_cfg1.5/fid/metrics.json").read_text())
+    cfg_log = next(err for c, _, err in outputs if "fid.py" in c and "--guidance cfg" in c)
+    assert "2 process(es)" in cfg_log and record["num_samples"] == 8
     assert record["settings"]["cfg_scale"] == 1.5 and record["settings"]["sampling"]["guidance"] == "cfg"
     assert record["metrics"]["transformer_passes_per_image"] == 2 * 5
     table = (work / "runs/var_d16_compare/table.md").read_text()
