@@ -168,4 +168,5 @@ def own_classifier_net(data: dict, cache_dir: Path, seed: int = 0) -> tuple[Feat
 
     return FeatureNet("own-data-cnn", desc, tensors_sha256(net.state_dict()), net.feat_dim, embed,
                       class_map=torch.arange(num_classes), class_count=num_classes,
-                      class_note="the classifier's outputs are this run's own class labels" + weak, heldout_accuracy=acc), acc
+                      class_note="the classifier's outputs are this run's own class labels" + weak,
+                      heldout_accuracy=acc), acc

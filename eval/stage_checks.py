@@ -118,11 +118,12 @@ def checks_block(tok: dict | None, bases: dict[str, dict], evaluator_acc: float 
     """The checks as markdown lines for the final table; bases: the base report of each seed by name."""
     lines = ["Checks between stages (docs/method.md, \"Checks between stages\"):", ""]
     if tok is not None:
+        failed = tokenizer_problem(tok)
         lines.append(f"- tokenizer, {tok['images']}: reconstruction MSE {tok['recon_mse']:.4f}, classifier accuracy "
                      f"{tok['recon_accuracy']:.3f} on reconstructions vs {tok['original_accuracy']:.3f} on originals"
                      f", FID(reconstructions, originals) {tok['recon_fid']:.4g}, codebook usage "
                      f"{tok['codebook_usage']:.0%} (perplexity {tok['codebook_perplexity']:.1f} of "
-                     f"{tok['vocab_size']})" + (f". FAILED: {tokenizer_problem(tok)}" if tokenizer_problem(tok) else ""))
+                     f"{tok['vocab_size']})" + (f". FAILED: {failed}" if failed else ""))
     for name, base in bases.items():
         failed = base_problem(base)
         lines.append(f"- {name}, {base['images']}: implicit-classifier accuracy "
