@@ -5,7 +5,7 @@
 
     python -m experiments.pipeline                                     # the embedded MNIST demo (experiments.demo)
     python -m experiments.pipeline --data imagefolder --root DIR [--seeds 0 1 2] [--num-samples 5000] [--set K=V]
-                                   [--strengths tuned|sweep]
+                                   [--strengths tuned|sweep] [--skip-checks]
 
 DIR holds train/<class>/<images> and, if you have one, a held-out val/<class>/<images> (without it, the last 10% of
 every training class is held out: data.heldout_share in configs/folder/tokenizer.yaml). The stage configs are
