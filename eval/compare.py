@@ -111,6 +111,11 @@ def fmt(v) -> str:
 def write_tables(results: list[dict], out_dir: Path, title: str) -> str:
     header = ["model", "guidance", *COLUMNS]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    # A too-weak own-data feature network says so in its description (eval/run_data.py): the table says it first.
+    weak = next((r["feature_network"].split("WARNING: ", 1)[1] for r in results
+                 if "WARNING: " in r.get("feature_network", "")), None)
+    if weak:
+        lines = [f"**WARNING: {weak.rstrip('.')}.**", ""] + lines
     for r in results:
         guidance = "none" if r["guidance"] == "none" else f"cfg {r['cfg_scale']:g}"
         lines.append("| " + " | ".join([r["name"], guidance] + [fmt(r.get(k)) for k in COLUMNS]) + " |")

@@ -236,3 +236,13 @@ def test_hub_names_resolve_from_a_filled_cache_offline(tmp_path, monkeypatch):
     with pytest.raises(HubError, match="hf://OWNER/REPO/FILE"):
         parse_hub_name("hf://a/b")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_compare_table_says_first_when_its_feature_network_is_too_weak(tmp_path):
+    from eval.compare import write_tables
+
+    row = {"name": "base", "guidance": "none", "cfg_scale": 0.0, "fid": 1.0,
+           "feature_network": "small CNN ... WARNING: held-out accuracy 0.5150 < 0.9: too weak."}
+    table = write_tables([row], tmp_path, "title")
+    assert table.startswith("**WARNING: held-out accuracy 0.5150 < 0.9: too weak.**")
+    assert not write_tables([{**row, "feature_network": "strong"}], tmp_path, "title").startswith("**WARNING")
