@@ -2,7 +2,6 @@
 
 Tiny random models with the MNIST features (numbers meaningless, plumbing real)."""
 import dataclasses
-import json
 import os
 
 import numpy as np
