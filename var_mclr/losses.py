@@ -6,9 +6,9 @@ var_mclr.likelihood) and returns (loss, stats): loss is a differentiable scalar,
 
 Scales:
   - nll and MCLR are per token (divided by L), so lambda and tau are comparable across patch schedules.
-  - CCA, CC-DPO and unlearning are per sequence, as in CCA's code: beta multiplies the sequence-level
-    Delta = l_theta - l_ref, so CCA's published beta (0.02 for VAR at L = 680) keeps its meaning. Their
-    stats are reported per sequence too.
+  - CCA, CC-DPO, unlearning and DDO are per sequence, as in CCA's code: beta multiplies the sequence-level
+    Delta = l_theta - l_ref, so CCA's published beta (0.02 for VAR at L = 680; DDO's paper uses the same for VAR)
+    keeps its meaning. Their stats are reported per sequence too.
 Reference log-likelihoods (l_ref) are detached here: the reference model is frozen by definition.
 """
 from __future__ import annotations
@@ -177,3 +177,33 @@ def unlearning_loss(l_pos_B: torch.Tensor, lref_pos_B: torch.Tensor, l_neg_B: to
         weight_B, sign_B = _flag_weight_and_sign(flagged_B, lam, d_neg_B)
         loss = (-d_pos_B.mean() - (weight_B * sign_B * d_neg_B).mean()) / max(lam, 1.0)
     return loss, _pair_stats(loss, d_pos_B, d_neg_B, flagged_B)
+
+
+# ---- DDO (Zheng et al., ICML 2025, arXiv 2503.01103) ---------------------------------------------------------
+def ddo_loss(l_data_B: torch.Tensor, lref_data_B: torch.Tensor, l_fake_F: torch.Tensor, lref_fake_F: torch.Tensor,
+             beta: float, alpha: float) -> tuple[torch.Tensor, Stats]:
+    """Direct Discriminative Optimization, per sequence (docs/method.md, "DDO"). With the implied discriminator
+    d(x, c) = beta * (l_theta(x, c) - l_ref(x, c)):
+
+        mean_b[-log sigmoid(d(x_b, c_b))] + alpha * mean_f[-log(1 - sigmoid(d(x~_f, c_f)))]
+
+    x_b are data images, x~_f the reference model's own samples (drawn before training, each with the class it was
+    sampled for). -log(1 - sigmoid(d)) is computed as -log sigmoid(-d), which is exact and does not underflow.
+    The batches may differ in size (B data rows, F sample rows).
+
+    Stats (per sequence, before beta): delta_data and delta_fake, the mean Delta = l_theta - l_ref on each side;
+    real_acc and fake_acc, the shares the discriminator calls right (d > 0 on data, d < 0 on samples).
+    """
+    if l_data_B.ndim != 1 or l_fake_F.ndim != 1:
+        raise ValueError(f"l_data_B and l_fake_F must be 1-D, got {tuple(l_data_B.shape)}, {tuple(l_fake_F.shape)}")
+    _check_B("lref_data_B", lref_data_B, l_data_B.shape[0])
+    _check_B("lref_fake_F", lref_fake_F, l_fake_F.shape[0])
+    if not (math.isfinite(beta) and beta > 0) or not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"need beta > 0 and alpha >= 0 (finite), got beta={beta}, alpha={alpha}")
+    delta_data_B = l_data_B - lref_data_B.detach()
+    delta_fake_F = l_fake_F - lref_fake_F.detach()
+    loss = -F.logsigmoid(beta * delta_data_B).mean() - alpha * F.logsigmoid(-beta * delta_fake_F).mean()
+    with torch.no_grad():
+        stats = {"loss": _d(loss), "delta_data": _d(delta_data_B.mean()), "delta_fake": _d(delta_fake_F.mean()),
+                 "real_acc": _d((delta_data_B > 0).float().mean()), "fake_acc": _d((delta_fake_F < 0).float().mean())}
+    return loss, stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -27,6 +27,26 @@ LossFn = Callable[[Any, torch.Tensor, "torch.Tensor | None", torch.Tensor, int],
 Checker = Callable[[Any, Any, bool], list[str]]
 
 
+@dataclass
+class ExtraRows:
+    """Rows with their own tokens, scored beside the data batch in the same pass (DDO: the reference model's samples,
+    docs/method.md, "DDO"). Each row is scored under its own label."""
+    label_F: torch.Tensor
+    idx_FL: torch.Tensor
+    x_FLCv: torch.Tensor  # the teacher-forcing input of idx_FL
+
+
+class RowSource(Protocol):
+    def rows(self, seed: int, micro_index: int, global_batch: int, mine: slice) -> ExtraRows:
+        """This process's share `mine` of the global micro-batch `micro_index`: a function of (seed, micro_index)
+        only, as the data batch is, so a resumed run scores the same rows."""
+
+
+# (the whole run config, the frozen reference, the tokenizer, the device) -> the objective's second data source, opened
+# and checked before the first step. An objective with one has a loss that also takes (l_F, reference l_F) of its rows.
+RowOpener = Callable[[Any, Any, Any, torch.device], RowSource]
+
+
 def _no_checks(settings, cfg, selected: bool) -> list[str]:
     return []
 
@@ -42,6 +62,7 @@ class Objective:
     check: Checker = _no_checks  # value rules of loss.<name>, run by the config checker before any work
     needs_reference: bool = False  # a frozen copy of the starting model scores the same rows without gradients
     contrasts_classes: bool = True  # scores an image under another class: needs data.num_classes >= 2
+    extra_rows: RowOpener | None = None  # a second data source scored beside the data batch (DDO); None: data only
 
 
 def positive(v) -> bool:  # finite and > 0
