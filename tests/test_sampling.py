@@ -34,9 +34,9 @@ def test_guidance_free_never_runs_the_null_class(vae, var, monkeypatch):
     seen = []
     original = var.class_condition
 
-    def spy(label_B):
+    def spy(label_B, *args):
         seen.append(label_B.clone())
-        return original(label_B)
+        return original(label_B, *args)
 
     monkeypatch.setattr(var, "class_condition", spy)
     res = sample_tokens(var, vae.quantize, torch.tensor([1, 2]), SamplingConfig(guidance="none"))

@@ -9,7 +9,7 @@ import logging
 
 from tokenizer.model import VQVAE
 from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_model, load_official_var,
-                                  load_tokenizer, weights_sha256)
+                                  load_tokenizer, weights_sha256, with_strength_conditioning)
 from var_mclr.config import Config, ConfigError, var_config, vqvae_config
 from var_mclr.model import VAR
 
@@ -56,9 +56,13 @@ def build_var(cfg: Config, vae: VQVAE) -> VAR:
         var = VAR(declared, logprob_impl=cfg.train.kernels)
         var.init_weights()
     else:
-        var = load_official_var(path, declared) if is_official_checkpoint(path) else load_model(path)
+        official = is_official_checkpoint(path)  # never holds the strength module: the official architecture is loaded
+        var = load_official_var(path, dataclasses.replace(declared, strength_cond=False)) if official \
+            else load_model(path)
         if not isinstance(var, VAR):
             raise CheckpointError(f"model.init {path} holds a {type(var).__name__}, not a VAR")
+        if declared.strength_cond and not var.cfg.strength_cond:  # zero-initialised: the same logits at step 0
+            var = with_strength_conditioning(var)
         _check_same_arch(declared, var.cfg, f"model.init {path}", "model")
         var.logprob_impl = cfg.train.kernels
     var.set_drop_path_rate(cfg.model.drop_path_rate)

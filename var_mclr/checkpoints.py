@@ -7,6 +7,7 @@ readable copy of them in ``name.json``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from tokenizer.model import VQVAE, VQVAEConfig
 from var_mclr.errors import UserError
 from var_mclr.files import atomic_write, tensors_sha256
 from var_mclr.hub import is_hub_name, local_path
-from var_mclr.model import VAR, VARConfig
+from var_mclr.model import VAR, StrengthEmbedding, VARConfig
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,15 @@ def load_official_var(var_path: str | os.PathLike, cfg: VARConfig | None = None,
     check_state_dict(var, state, str(var_path))
     require_finite(parameters_in(var, state), str(var_path))
     var.load_state_dict(state, strict=True)
+    return var
+
+
+def with_strength_conditioning(var: VAR) -> VAR:
+    """var, in place, with the strength module added (model.strength_cond; docs/method.md, "GFT"): every loaded
+    weight is kept, and the module starts at zero output, so the logits stay var's until training moves it."""
+    if not var.cfg.strength_cond:
+        var.cfg = dataclasses.replace(var.cfg, strength_cond=True)
+        var.strength_emb = StrengthEmbedding(var.D).to(var.class_emb.weight.device)
     return var
 
 

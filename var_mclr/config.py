@@ -87,7 +87,7 @@ def _section_from(arch_cls, name: str, extra: list[tuple[str, object, object]], 
         if f.name in exclude:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        fields_.append((f.name, hints[f.name], field(default=default)))
+        fields_.append((f.name, hints[f.name], field(default=default, metadata=f.metadata)))  # OMITTED_AT_DEFAULT
     section = dataclasses.make_dataclass(name, fields_)
     section.__module__ = __name__
     return section

@@ -18,28 +18,32 @@ NEGATIVE_MODES = ("uniform", "roll", "null", "mixed", "all")
 
 # ---- log-likelihoods -------------------------------------------------------------------------------------
 def token_logprobs_of(var, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
-                      idx_BL: torch.Tensor) -> torch.Tensor:
+                      idx_BL: torch.Tensor, strength_B: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x_t | scales before t's, c) for every token: (B, L) float32, differentiable w.r.t. var.
 
     Goes through var's forward (the fused log-prob kernel sits behind its target_BL argument), so a
-    DDP-wrapped model works too.
+    DDP-wrapped model works too. strength_B: the strength input of a strength-conditioned model (model.py).
     """
-    return var(label_B, x_BLCv_wo_first_l, target_BL=idx_BL)
+    if strength_B is None:
+        return var(label_B, x_BLCv_wo_first_l, target_BL=idx_BL)
+    return var(label_B, x_BLCv_wo_first_l, target_BL=idx_BL, strength_B=strength_B)
 
 
-def loglik(var, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, idx_BL: torch.Tensor) -> torch.Tensor:
+def loglik(var, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, idx_BL: torch.Tensor,
+           strength_B: torch.Tensor | None = None) -> torch.Tensor:
     """l(x, c) = log p(x | c) summed over all L tokens: (B,) float32."""
-    return token_logprobs_of(var, label_B, x_BLCv_wo_first_l, idx_BL).sum(dim=-1)
+    return token_logprobs_of(var, label_B, x_BLCv_wo_first_l, idx_BL, strength_B).sum(dim=-1)
 
 
 def loglik_under_classes(var, classes_BK: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, idx_BL: torch.Tensor,
-                         max_rows: int | None = None) -> torch.Tensor:
+                         max_rows: int | None = None, strength_BK: torch.Tensor | None = None) -> torch.Tensor:
     """l(x_b, classes_BK[b, k]) for every image and each of its K classes: (B, K) float32.
 
     One batched teacher-forced pass over B*K rows (row b*K + k holds image b under class classes_BK[b, k]),
     so the true class, K mismatched classes and the null class cost one forward and one backward.
     max_rows (optional) splits the B*K rows into chunks of at most that many, bounding activation memory
     when K is large (e.g. the implicit classifier over 1000 classes); the result and its gradient are the same.
+    strength_BK (optional): the strength input of every row, for a strength-conditioned model.
     """
     if classes_BK.ndim != 2:
         raise ValueError(f"classes_BK must be (B, K), got shape {tuple(classes_BK.shape)}")
@@ -51,12 +55,16 @@ def loglik_under_classes(var, classes_BK: torch.Tensor, x_BLCv_wo_first_l: torch
     x_NLC = x_BLCv_wo_first_l.unsqueeze(1).expand(B, K, *x_BLCv_wo_first_l.shape[1:]).reshape(
         B * K, *x_BLCv_wo_first_l.shape[1:])
     idx_NL = idx_BL.unsqueeze(1).expand(B, K, idx_BL.shape[1]).reshape(B * K, idx_BL.shape[1])
+    if strength_BK is not None and tuple(strength_BK.shape) != (B, K):
+        raise ValueError(f"strength_BK must be {(B, K)}, got shape {tuple(strength_BK.shape)}")
+    strength_N = None if strength_BK is None else strength_BK.reshape(B * K)
     if max_rows is None or max_rows >= B * K:
-        l_N = loglik(var, label_N, x_NLC, idx_NL)
+        l_N = loglik(var, label_N, x_NLC, idx_NL, strength_N)
     else:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        l_N = torch.cat([loglik(var, label_N[i:i + max_rows], x_NLC[i:i + max_rows], idx_NL[i:i + max_rows])
+        l_N = torch.cat([loglik(var, label_N[i:i + max_rows], x_NLC[i:i + max_rows], idx_NL[i:i + max_rows],
+                                None if strength_N is None else strength_N[i:i + max_rows])
                          for i in range(0, B * K, max_rows)])
     return l_N.view(B, K)
 

@@ -6,14 +6,16 @@ once. A block-causal mask lets scale s attend to scales <= s, so one teacher-for
 L = sum p_s^2 tokens, and hence the exact log-likelihood of an image under a class.
 
 The class enters twice: as the start token (class_emb + pos_start) and as the AdaLN condition of every block.
-Index num_classes is the null class used for classifier-free guidance.
+Index num_classes is the null class used for classifier-free guidance. With strength_cond, a strength s (GFT's beta,
+the MCLR dial's input) is embedded and added to the class embedding, so it enters wherever the class does.
 
-Parameter and buffer names and shapes match the official release, so var_d{16,20,24,30}.pth load strictly.
+Parameter and buffer names and shapes match the official release, so var_d{16,20,24,30}.pth load strictly (the
+optional strength module is not in them: var_mclr/checkpoints.py, with_strength_conditioning).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import torch
@@ -39,6 +41,9 @@ class VARConfig:
     shared_aln: bool = False
     attn_l2_norm: bool = True
     patch_nums: tuple[int, ...] = field(default=VAR_256_PATCH_NUMS)
+    # A strength input (StrengthEmbedding) added to the class embedding: GFT and the MCLR dial (docs/method.md, "GFT").
+    # Off: the official architecture. Left out of to_dict while off, so every earlier model.json and hash is unchanged.
+    strength_cond: bool = field(default=False, metadata={"omitted_at_default": True})
 
     @classmethod
     def official(cls, depth: int, **overrides) -> "VARConfig":
@@ -46,7 +51,9 @@ class VARConfig:
         return cls(depth=depth, embed_dim=64 * depth, num_heads=depth, **overrides)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        omitted = {f.name for f in fields(self)
+                   if f.metadata.get("omitted_at_default") and getattr(self, f.name) == f.default}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in omitted}
 
 
 class KVCache:
@@ -200,6 +207,36 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond_BD).view(-1, 1, 6, self.out_features // 6)
 
 
+# Strength conditioning as GFT's (thu-ml/GFT, LlamaGen/autoregressive/models/gpt.py, TimestepEmbedder): a sinusoid of
+# 1000 s at 256 frequencies (periods up to 10000) through Linear-SiLU-Linear. docs/method.md, "GFT".
+STRENGTH_FREQ_DIM, STRENGTH_MAX_PERIOD, STRENGTH_SCALE = 256, 10_000.0, 1000.0
+NEUTRAL_STRENGTH = 1.0  # GFT's beta = 1, the unguided model: the null class always gets it, and so does a row given none
+
+
+class StrengthEmbedding(nn.Module):
+    """s_B -> MLP(sinusoid(1000 s)), (B, D). The last layer starts at zero, so a model that gains this module computes
+    exactly what it computed without it until training moves that layer."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(STRENGTH_FREQ_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        half = STRENGTH_FREQ_DIM // 2
+        self.register_buffer("freqs_F", torch.exp(-math.log(STRENGTH_MAX_PERIOD) * torch.arange(half) / half),
+                             persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.mlp[0].weight, std=0.02)  # GFT's init
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, strength_B: torch.Tensor) -> torch.Tensor:
+        args_BF = (strength_B.float() * STRENGTH_SCALE).unsqueeze(1) * self.freqs_F.unsqueeze(0)
+        return self.mlp(torch.cat((torch.cos(args_BF), torch.sin(args_BF)), dim=1))
+
+
 class VAR(nn.Module):
     def __init__(self, cfg: VARConfig | None = None, logprob_impl: str = "auto", **overrides):
         """logprob_impl picks the token log-prob kernel behind forward(..., target_BL): auto | naive | chunked |
@@ -249,6 +286,7 @@ class VAR(nn.Module):
 
         self.head_nm = AdaLNBeforeHead(self.C, self.D, cfg.norm_eps)
         self.head = nn.Linear(self.C, self.V)
+        self.strength_emb = StrengthEmbedding(self.D) if cfg.strength_cond else None
         self.drop_path_rate = 0.0
         # Per-block activation checkpointing while training (train.activation_checkpointing); not part of the
         # architecture, never saved.
@@ -276,11 +314,27 @@ class VAR(nn.Module):
             raise ValueError(f"class ids must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
                              f"got range [{int(label_B.min())}, {int(label_B.max())}]")
 
-    def class_condition(self, label_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond_BD, the per-block AdaLN input): class embedding, shared-projected when shared_aln."""
+    def class_condition(self, label_B: torch.Tensor, strength_B: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond_BD, the per-block AdaLN input): class embedding (plus the strength's, with strength_cond),
+        shared-projected when shared_aln."""
         self.check_labels(label_B)
         cond_BD = self.class_emb(label_B)
+        if self.strength_emb is not None:
+            cond_BD = cond_BD + self.strength_emb(self.strength_input(label_B, strength_B))
+        elif strength_B is not None:
+            raise ValueError("this VAR has no strength conditioning (model.strength_cond is off): it takes no strength")
         return cond_BD, self.shared_ada_lin(cond_BD)
+
+    def strength_input(self, label_B: torch.Tensor, strength_B: torch.Tensor | None) -> torch.Tensor:
+        """The strength each row is embedded with: NEUTRAL_STRENGTH for the null class (GFT gives its dropped labels
+        beta = 1) and for rows given none; docs/method.md, "GFT"."""
+        neutral_B = torch.full(label_B.shape, NEUTRAL_STRENGTH, device=label_B.device)
+        if strength_B is None:
+            return neutral_B
+        if tuple(strength_B.shape) != tuple(label_B.shape):
+            raise ValueError(f"strength_B must have shape {tuple(label_B.shape)}, got {tuple(strength_B.shape)}")
+        return torch.where(label_B == self.num_classes, neutral_B, strength_B.to(neutral_B))
 
     def embed_scale_inputs(self, x_BlCv: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         """Word embedding of tokenizer features plus level and position embeddings for tokens [begin, end)."""
@@ -292,13 +346,14 @@ class VAR(nn.Module):
         return cond_BD.unsqueeze(1) + self.pos_start + lvl_pos
 
     # ---- teacher forcing ------------------------------------------------------------------------------------
-    def head_hidden(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def head_hidden(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
+                    strength_B: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after the AdaLN head norm for all L positions: logits_BLV = self.head(h_BLC)."""
         B = label_B.shape[0]
         expected = (B, self.L - self.first_l, self.Cvae)
         if tuple(x_BLCv_wo_first_l.shape) != expected:
             raise ValueError(f"teacher-forcing input has shape {tuple(x_BLCv_wo_first_l.shape)}, expected {expected}")
-        cond_BD, block_cond = self.class_condition(label_B)
+        cond_BD, block_cond = self.class_condition(label_B, strength_B)
         x_BLC = torch.cat((self.start_tokens(cond_BD),
                            self.embed_scale_inputs(x_BLCv_wo_first_l, self.first_l, self.L)), dim=1)
         checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
@@ -312,13 +367,13 @@ class VAR(nn.Module):
         return self.head_nm(x_BLC.float(), cond_BD.float()).float()
 
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
-                target_BL: torch.Tensor | None = None) -> torch.Tensor:
+                target_BL: torch.Tensor | None = None, strength_B: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits_BLV (float32) of every token, or, given target ids, their log-probs logp_BL.
 
         With targets, the fused kernel computes log p(target) without materialising the B x L x V logits.
-        No class dropout here: the trainer applies it.
+        No class dropout here: the trainer applies it. strength_B: per-row strength (only with strength_cond).
         """
-        h_BLC = self.head_hidden(label_B, x_BLCv_wo_first_l)
+        h_BLC = self.head_hidden(label_B, x_BLCv_wo_first_l, strength_B)
         if target_BL is None:
             return self.head(h_BLC).float()
         return kernels.token_logprobs(h_BLC, self.head.weight, self.head.bias, target_BL, impl=self.logprob_impl)
@@ -373,3 +428,5 @@ class VAR(nn.Module):
                 block.ada_lin[-1].weight[2 * self.C:].mul_(init_adaln)
                 block.ada_lin[-1].weight[:2 * self.C].mul_(init_adaln_gamma)
                 block.ada_lin[-1].bias.zero_()
+        if self.strength_emb is not None:  # the loop above drew its weights too: back to GFT's zero-output init
+            self.strength_emb.reset_parameters()

@@ -3,6 +3,8 @@
 guidance="none" runs one transformer pass per scale on the batch; the null class is never evaluated.
 guidance="cfg" stacks the conditional and null-class rows (2B) and mixes logits per scale s (0-based, S scales):
     z = (1 + t_s) z(x, c) - t_s z(x, null),  t_s = w * s / (S - 1) ("linear", VAR's ramp) or t_s = w ("constant").
+strength: the input of a strength-conditioned model (GFT's beta; docs/method.md, "GFT"), given to the class rows; one
+pass per scale at beta is GFT's sampling, what the model learnt to give for CFG at w = 1/beta - 1 on every scale.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class SamplingConfig:
     compile: bool = False  # torch.compile the transformer blocks for the per-scale forward (VAR.compiled_blocks)
     # bf16: the transformer runs under autocast (GPU speed); logits, sampling and the tokenizer stay float32.
     mixed_precision: str = "no"  # no | bf16
+    # The strength input of a strength-conditioned model (model.strength_cond), > 0; None: the model's neutral input
+    # (1, unguided). The null rows of CFG always get the neutral input (VAR.strength_input).
+    strength: float | None = None
 
     def __post_init__(self):
         if self.guidance not in ("none", "cfg"):
@@ -44,6 +49,13 @@ class SamplingConfig:
             raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.kernel not in SAMPLING_KERNELS:
             raise ValueError(f"kernel must be one of {SAMPLING_KERNELS}, got {self.kernel!r}")
+        if self.strength is not None and not (math.isfinite(self.strength) and self.strength > 0):
+            raise ValueError(f"strength must be a finite number > 0 (or None), got {self.strength}")
+
+    def record(self) -> dict:
+        """The settings as recorded and fingerprinted (eval/fid.py, eval/sample.py): the strength only when set, so
+        every earlier record and shard fingerprint is unchanged."""
+        return {k: v for k, v in self.__dict__.items() if k != "strength" or v is not None}
 
     def guidance_at(self, si: int, num_scales: int) -> float:
         if self.guidance == "none":
@@ -72,7 +84,8 @@ def sample_tokens(var: VAR, quantizer, label_B: torch.Tensor, cfg: SamplingConfi
     B, S = label_B.shape[0], len(var.patch_nums)
     guided = cfg.guidance == "cfg"
     rows_B = torch.cat((label_B, torch.full_like(label_B, var.num_classes))) if guided else label_B
-    cond_BD, block_cond = var.class_condition(rows_B)
+    strength_B = None if cfg.strength is None else torch.full(rows_B.shape, cfg.strength, device=rows_B.device)
+    cond_BD, block_cond = var.class_condition(rows_B, strength_B)
     caches = [KVCache(var.L) for _ in var.blocks]
     blocks = var.compiled_blocks() if cfg.compile else None
     f_hat = cond_BD.new_zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1])

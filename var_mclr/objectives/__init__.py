@@ -14,13 +14,13 @@ from importlib import import_module
 
 import torch
 
-from var_mclr.likelihood import loglik_under_classes
 from var_mclr.objectives.base import ClassPlan, LossFn, Objective, Planner  # noqa: F401 (the package's interface)
 from var_mclr.objectives.cc_dpo import DPOConfig  # noqa: F401
 from var_mclr.objectives.cca import CCAConfig  # noqa: F401
 from var_mclr.objectives.mclr import MCLRConfig  # noqa: F401
 from var_mclr.objectives.mclr import plan as plan_mclr  # noqa: F401 (var_mclr/calibration.py draws MCLR's pairs)
 from var_mclr.objectives.pairs import plan_pairs  # noqa: F401
+from var_mclr.objectives.passes import score_rows
 from var_mclr.objectives.unlearning import UnlearningConfig  # noqa: F401
 
 # The only list of objectives: module names of this package, in the order the loss sections are written.
@@ -65,14 +65,9 @@ def objective_errors(cfg) -> list[str]:
 
 def objective_loss(objective: Objective, cfg, var, ref, plan: ClassPlan, idx_BL: torch.Tensor,
                    x_BLCv: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One teacher-forced pass over every (image, class) row of the plan, then the objective's loss."""
-    # non_blocking: a blocking copy from host memory waits for the whole GPU queue (a host sync every micro-step);
-    # the plan's tensors are fresh per step, so the copy may run behind the host.
-    classes_BK = plan.classes_BK.to(idx_BL.device, non_blocking=True)
-    mask_BK = plan.mask_BK.to(idx_BL.device, non_blocking=True)
-    l_BK = loglik_under_classes(var, classes_BK, x_BLCv, idx_BL)
-    lref_BK = None
-    if objective.needs_reference:
-        with torch.no_grad():
-            lref_BK = loglik_under_classes(ref, classes_BK, x_BLCv, idx_BL)
+    """The objective's own passes and loss when it declares them (Objective.score: GFT, the MCLR dial), else one
+    teacher-forced pass over every (image, class) row of the plan, then the objective's loss."""
+    if objective.score is not None:
+        return objective.score(cfg, var, ref, plan, idx_BL, x_BLCv)
+    l_BK, lref_BK, mask_BK = score_rows(var, ref, plan, idx_BL, x_BLCv, objective.needs_reference)
     return objective.loss(cfg, l_BK, lref_BK, mask_BK, idx_BL.shape[1])

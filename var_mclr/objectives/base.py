@@ -13,9 +13,12 @@ import torch
 class ClassPlan:
     classes_BK: torch.Tensor  # column 0: the positive class; columns 1..: the classes it is contrasted with
     mask_BK: torch.Tensor  # per-column flags: MCLR excludes roll collisions; CCA flags collisions and null-masked rows
+    # The strength each image is trained at, drawn with the plan: GFT's beta, the MCLR dial's lambda. None: none drawn.
+    strength_B: torch.Tensor | None = None
 
     def slice(self, sl: slice) -> "ClassPlan":
-        return ClassPlan(self.classes_BK[sl], self.mask_BK[sl])
+        return ClassPlan(self.classes_BK[sl], self.mask_BK[sl],
+                         None if self.strength_B is None else self.strength_B[sl])
 
 
 # (loss config, global labels, num_classes, class_dropout, generator) -> the classes every image is scored under
@@ -25,6 +28,9 @@ LossFn = Callable[[Any, torch.Tensor, "torch.Tensor | None", torch.Tensor, int],
                   tuple[torch.Tensor, dict[str, torch.Tensor]]]
 # (the objective's own settings, the whole run config, whether train.objective selects it) -> error lines
 Checker = Callable[[Any, Any, bool], list[str]]
+# (loss config, model, reference or None, this process's plan, idx_BL, x_BLCv) -> (loss, stats): the forward passes
+# and the loss of one micro-batch, for an objective that needs more than the plan's l_BK (GFT mixes two passes' logits).
+Scorer = Callable[[Any, Any, Any, ClassPlan, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -62,6 +68,9 @@ class Objective:
     check: Checker = _no_checks  # value rules of loss.<name>, run by the config checker before any work
     needs_reference: bool = False  # a frozen copy of the starting model scores the same rows without gradients
     contrasts_classes: bool = True  # scores an image under another class: needs data.num_classes >= 2
+    # None: one teacher-forced pass over the plan's rows, then `loss` (objectives/__init__.py, objective_loss);
+    # else this runs the passes and the loss itself.
+    score: Scorer | None = None
     extra_rows: RowOpener | None = None  # a second data source scored beside the data batch (DDO); None: data only
 
 
