@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_vae
 from var_mclr.losses import ddo_loss
 
 # Hand-computed with beta = 0.5, alpha = 2 (docs/method.md, "DDO"):
-#   data: Delta = (10 - 8, -4 + 2) = (2, -2), d = (1, -1): -log sigmoid(d) = (log(1 + e^-1), log(1 + e)) -> mean 0.81326169
+#   data: Delta = (10 - 8, -4 + 2) = (2, -2), d = (1, -1): -log sigmoid(d) = (log(1 + e^-1), log(1 + e)),
+#   mean 0.81326169
 #   samples: Delta = (-2, 0, -4), d = (-1, 0, -2): -log(1 - sigmoid(d)) = log(1 + e^d) = (0.31326169, 0.69314718,
 #   0.12692801) -> mean 0.37777896; loss = 0.81326169 + 2 * 0.37777896
 L_DATA, LREF_DATA = [10.0, -4.0], [8.0, -2.0]
@@ -51,7 +53,8 @@ def test_gradient_is_the_analytic_one_and_never_reaches_the_reference():
     loss, _ = ddo_loss(l_data, lref_data, l_fake, lref_fake, beta=BETA, alpha=ALPHA)
     loss.backward()
     # d loss / d l_data_b = -(beta / B) sigmoid(-d_b); d loss / d l_fake_f = (alpha beta / F) sigmoid(d_f)
-    d_data, d_fake = torch.tensor([1.0, -1.0], dtype=torch.float64), torch.tensor([-1.0, 0.0, -2.0], dtype=torch.float64)
+    d_data = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    d_fake = torch.tensor([-1.0, 0.0, -2.0], dtype=torch.float64)
     torch.testing.assert_close(l_data.grad, -BETA / 2 * torch.sigmoid(-d_data))
     torch.testing.assert_close(l_fake.grad, ALPHA * BETA / 3 * torch.sigmoid(d_fake))
     assert lref_data.grad is None and lref_fake.grad is None  # the reference is detached inside the loss
@@ -72,3 +75,142 @@ def test_bad_shapes_and_settings_are_refused():
         ddo_loss(l, l, l, l, beta=0.0, alpha=1.0)
     with pytest.raises(ValueError, match="alpha"):
         ddo_loss(l, l, l, l, beta=0.1, alpha=-1.0)
+
+
+# ---- the registry entry -------------------------------------------------------------------------------------------
+def _ddo_cfg(**settings):
+    from var_mclr.config import load_config
+    return load_config(None, ["train.objective=ddo", *[f"loss.ddo.{k}={v}" for k, v in settings.items()]],
+                       check_files=False)
+
+
+def test_the_registry_scores_sequences_not_token_means():
+    from var_mclr.objectives import OBJECTIVES
+    cfg = _ddo_cfg(alpha=ALPHA, beta=BETA)
+    l_data, lref_data, l_fake, lref_fake = _tensors()
+    # L = 10: an objective that divided by L (a per-token mean) would give another value.
+    loss, _ = OBJECTIVES["ddo"].loss(cfg.loss, l_data.view(-1, 1), lref_data.view(-1, 1), torch.zeros(2, 1, dtype=bool),
+                                     10, l_fake, lref_fake)
+    assert loss.item() == pytest.approx(EXPECTED, abs=1e-12)
+
+
+def test_settings_have_value_rules_naming_the_key():
+    from var_mclr.config import ConfigError
+    for key, value in (("alpha", -1), ("beta", 0), ("beta", ".inf")):
+        with pytest.raises(ConfigError, match=rf"loss\.ddo\.{key} = .* is out of range"):
+            _ddo_cfg(**{key: value})
+    cfg = _ddo_cfg(alpha=0)  # alpha = 0 is allowed: the data term alone
+    assert cfg.loss.ddo.alpha == 0 and cfg.loss.ddo.beta == 0.02
+
+
+def test_the_ddo_section_at_its_defaults_leaves_earlier_stage_names_alone():
+    # experiments/pipeline.py names stage directories by a hash of to_dict(): a new section at its defaults is left out.
+    assert "ddo" not in _ddo_cfg().to_dict()["loss"]
+    assert _ddo_cfg(alpha=2.0).to_dict()["loss"]["ddo"]["alpha"] == 2.0
+
+
+def test_gradient_reaches_the_trained_model_only(vae):
+    from conftest import tiny_var
+    from var_mclr.objectives import OBJECTIVES, objective_loss
+    from var_mclr.objectives.base import ExtraRows
+    cfg = _ddo_cfg(alpha=1.0, beta=0.5)
+    var, ref = tiny_var(vae, num_classes=4, seed=0).train(), tiny_var(vae, num_classes=4, seed=1).train()
+    for p in ref.parameters():  # left trainable on purpose: only the objective may keep its gradient away
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    idx_BL = torch.randint(0, vae.V, (3, var.L), generator=g)
+    idx_FL = torch.randint(0, vae.V, (2, var.L), generator=g)
+    x_of = _var_input(vae)
+    plan = OBJECTIVES["ddo"].plan(cfg.loss, torch.tensor([0, 1, 2]), 4, 0.0, g)
+    extra = ExtraRows(torch.tensor([3, 1]), idx_FL, x_of(idx_FL))
+    loss, stats = objective_loss(OBJECTIVES["ddo"], cfg.loss, var, ref, plan, idx_BL, x_of(idx_BL), extra)
+    loss.backward()
+    assert all(p.grad is None for p in ref.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in var.parameters() if p.grad is not None) > 0
+    # The value is ddo_loss of the sequence log-likelihoods of both models, each row under its own label.
+    from var_mclr.likelihood import loglik
+    with torch.no_grad():
+        want, _ = ddo_loss(loglik(var, torch.tensor([0, 1, 2]), x_of(idx_BL), idx_BL),
+                           loglik(ref, torch.tensor([0, 1, 2]), x_of(idx_BL), idx_BL),
+                           loglik(var, extra.label_F, extra.x_FLCv, idx_FL),
+                           loglik(ref, extra.label_F, extra.x_FLCv, idx_FL), beta=0.5, alpha=1.0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert stats["delta_fake"].item() != 0  # the two models differ, so the samples' term was really scored
+
+
+def _var_input(vae):
+    sizes = [pn * pn for pn in vae.patch_nums]
+    return lambda idx: vae.quantize.idxBl_to_var_input(list(idx.split(sizes, dim=1)))
+
+
+# ---- the reference-sample stage -----------------------------------------------------------------------------------
+def _saved_reference(tmp_path, seed=0):
+    from conftest import tiny_var
+    from var_mclr.builders import tokenizer_record
+    from var_mclr.checkpoints import save_model
+    vae = tiny_vae()
+    tok = tmp_path / "tok.safetensors"
+    if not tok.exists():
+        save_model(vae, tok)
+    var = tiny_var(vae, num_classes=4, seed=seed)
+    ckpt = save_model(var, tmp_path / f"ref{seed}.safetensors", extra={"tokenizer": tokenizer_record(str(tok), vae)})
+    return ckpt, vae, var
+
+
+def test_the_sample_stage_writes_one_unit_records_its_settings_and_reloads(tmp_path):
+    from var_mclr.checkpoints import weights_sha256
+    from var_mclr.reference_samples import main
+    from var_mclr.sample_store import open_reference_samples, read_sample_set
+    from var_mclr.sampling import SamplingConfig, sample_tokens
+    ckpt, vae, var = _saved_reference(tmp_path)
+    out = tmp_path / "sets" / "r1"
+    main(["--ckpt", str(ckpt), "--n-per-class", "3", "--out", str(out), "--batch-size", "5", "--seed", "7"])
+    assert sorted(p.name for p in (tmp_path / "sets").iterdir()) == ["r1"]  # no temporary directory left behind
+    idx_NL, label_N, settings = read_sample_set(out, "--set")
+    assert idx_NL.shape == (12, var.L) and label_N.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert settings["sampling"]["guidance"] == "none" and settings["sampling"]["top_k"] == 0
+    assert settings["sampling"]["top_p"] == 0.0 and (settings["seed"], settings["batch_size"]) == (7, 5)
+    assert settings["source"]["weights_sha256"] == weights_sha256(var)
+    assert settings["source"]["tokenizer_weights_sha256"] == weights_sha256(vae)
+    # The recorded seeding rule reproduces the second batch (indices 5..9) with the sampler itself.
+    gen = torch.Generator().manual_seed(7 * 1_000_003 + 5)
+    again = sample_tokens(var.eval(), vae.quantize, label_N[5:10], SamplingConfig(guidance="none"), gen)
+    assert torch.equal(torch.cat(again.idx_Bl, 1), idx_NL[5:10])
+    store = open_reference_samples(str(out), "loss.ddo.samples", var, vae, torch.device("cpu"))
+    rows = store.rows(seed=0, micro_index=2, global_batch=4, mine=slice(0, 4))
+    torch.testing.assert_close(rows.x_FLCv, _var_input(vae)(rows.idx_FL))
+    assert torch.equal(rows.label_F, label_N[_rows_of(store, 0, 2, 4)])
+
+
+def _rows_of(store, seed, micro, global_batch):
+    from var_mclr.sample_store import sample_indices
+    return sample_indices(seed, micro, global_batch, len(store))
+
+
+def test_sample_order_is_a_function_of_seed_and_step_and_covers_the_set_each_epoch():
+    from var_mclr.sample_store import sample_indices
+    n, g = 10, 4
+    stream = torch.cat([sample_indices(3, m, g, n) for m in range(5)])  # two epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:20].tolist()) == list(range(10))
+    assert torch.equal(sample_indices(3, 2, g, n), stream[8:12])  # the same micro-batch drawn again (a resume)
+    assert not torch.equal(sample_indices(4, 0, g, n), sample_indices(3, 0, g, n))
+
+
+def test_a_set_from_another_model_or_tokenizer_or_none_at_all_is_refused(tmp_path):
+    from var_mclr.reference_samples import make_reference_samples
+    from var_mclr.sample_store import SampleSetError, open_reference_samples
+    ckpt, vae, var = _saved_reference(tmp_path)
+    out = make_reference_samples(str(ckpt), 1, tmp_path / "set", batch_size=4)
+    _, _, other = _saved_reference(tmp_path, seed=1)
+    with pytest.raises(SampleSetError, match=r"loss\.ddo\.samples .* not by this run's reference model"):
+        open_reference_samples(str(out), "loss.ddo.samples", other, vae, torch.device("cpu"))
+    with pytest.raises(SampleSetError, match=r"not by this run's tokenizer"):
+        open_reference_samples(str(out), "loss.ddo.samples", var, tiny_vae(seed=1), torch.device("cpu"))
+    with pytest.raises(SampleSetError, match=r"loss\.ddo\.samples is not set"):
+        open_reference_samples(None, "loss.ddo.samples", var, vae, torch.device("cpu"))
+    with pytest.raises(SampleSetError, match=r"loss\.ddo\.samples .* is not a reference-sample set"):
+        open_reference_samples(str(tmp_path), "loss.ddo.samples", var, vae, torch.device("cpu"))
+    before = (out / "samples.safetensors").read_bytes()
+    with pytest.raises(SampleSetError, match=r"--out .* already exists"):
+        make_reference_samples(str(ckpt), 2, out)
+    assert (out / "samples.safetensors").read_bytes() == before

@@ -186,11 +186,13 @@ class Config:
 
 
 def _asdict(section) -> dict:
-    """dataclasses.asdict, less the OMITTED_AT_DEFAULT keys that hold their default."""
+    """dataclasses.asdict, less the OMITTED_AT_DEFAULT keys that hold their default (a whole section too: a loss
+    section added later, var_mclr/objectives/__init__.py ADDED_LATER)."""
     out = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if f.metadata.get("omitted_at_default") and value == f.default:
+        if f.metadata.get("omitted_at_default") and value == (
+                f.default_factory() if f.default is dataclasses.MISSING else f.default):
             continue
         out[f.name] = _asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
     return out

@@ -124,7 +124,8 @@ def open_reference_samples(path: str | None, key: str, ref, vae, device: torch.d
     """The set at `path` (config key `key`), checked against the run's reference model and tokenizer."""
     if path is None:
         raise SampleSetError(f"{key} is not set: sample the reference model (model.init) with python -m "
-                             "var_mclr.reference_samples --ckpt MODEL_INIT --n-per-class N --out DIR, then set it to DIR")
+                             "var_mclr.reference_samples --ckpt MODEL_INIT --n-per-class N --out DIR, then set it to "
+                             "DIR")
     idx_NL, label_N, settings = read_sample_set(Path(path), key)
     check_source(settings, Path(path), key, ref, vae)
     if len(label_N) == 0 or int(label_N.min()) < 0 or int(label_N.max()) >= ref.num_classes \

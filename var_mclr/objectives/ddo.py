@@ -18,7 +18,7 @@ from var_mclr.objectives.base import ClassPlan, Objective, no_flags, nonnegative
 
 @dataclass
 class DDOConfig:
-    alpha: float = 1.0  # weight of the samples' term; the GAN discriminator loss at 1 (the paper's VAR value: not found)
+    alpha: float = 1.0  # weight of the samples' term; 1: the GAN discriminator loss (the paper's VAR value: not found)
     beta: float = 0.02  # the paper's VAR setting (its Figure 6c: "alpha under beta = 0.02"), per sequence as CCA's
     # The reference-sample set (a directory made by python -m var_mclr.reference_samples from model.init); the run
     # refuses to start without one, or with one another model drew.
