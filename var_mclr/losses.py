@@ -47,7 +47,8 @@ def ratio_cap(r: torch.Tensor, cap: float | None, smooth: bool = False) -> torch
     return torch.clamp(r, max=cap)
 
 
-def mclr_loss(l_pos_B: torch.Tensor, l_neg_BK: torch.Tensor, L: int, lam: float, tau: float | None = None,
+def mclr_loss(l_pos_B: torch.Tensor, l_neg_BK: torch.Tensor, L: int, lam: float | torch.Tensor,
+              tau: float | None = None,
               smooth_cap: bool = False, exclude_BK: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
     """MCLR: (1/L) * [ -l(x, c) - lam * (1/K) sum_k psi(l(x, c) - l(x, c'_k)) ], averaged over the batch.
 
@@ -56,6 +57,8 @@ def mclr_loss(l_pos_B: torch.Tensor, l_neg_BK: torch.Tensor, L: int, lam: float,
     satisfy psi <= tau*L, so the loss is bounded below by -lam * tau. Gradients flow through l_pos and l_neg.
     exclude_BK (optional, True = drop) removes negatives that are not mismatched (roll collisions, whose ratio
     is identically 0): their term is zeroed (the 1/K factor is kept) and they leave the statistics.
+    lam may be a (B,) tensor, one strength per image (the MCLR dial, docs/method.md, "A strength dial for MCLR"):
+    the ratio term is then mean_b lam_b * (1/K) sum_k psi(...).
 
     Stats: nll (per token), log_ratio (mean Lambda per token over kept negatives), ratio_acc (share of kept
     negatives with l_pos > l_neg), capped_frac (share of kept ratios at or past the cap tau*L).
@@ -64,7 +67,9 @@ def mclr_loss(l_pos_B: torch.Tensor, l_neg_BK: torch.Tensor, L: int, lam: float,
         raise ValueError(f"l_neg_BK must be (B, K), got {tuple(l_neg_BK.shape)}")
     B, K = l_neg_BK.shape
     _check_B("l_pos_B", l_pos_B, B)
-    if lam < 0:
+    if isinstance(lam, torch.Tensor):
+        _check_B("lam", lam, B)  # its values are the planner's (loss.mclr.lam_range), checked by the config
+    elif lam < 0:
         raise ValueError(f"lambda must be >= 0, got {lam}")
     if tau is not None and tau < 0:
         raise ValueError(f"tau must be >= 0 (or None for no cap), got {tau}")
@@ -76,7 +81,10 @@ def mclr_loss(l_pos_B: torch.Tensor, l_neg_BK: torch.Tensor, L: int, lam: float,
     psi_BK = torch.where(keep_BK, psi_BK, torch.zeros_like(psi_BK))
 
     # Written as nll + ratio term so that lam = 0 reproduces nll_loss bit for bit (value and gradient).
-    loss = -l_pos_B.mean() / L - lam * (psi_BK.sum(dim=1) / K).mean() / L
+    if isinstance(lam, torch.Tensor):
+        loss = -l_pos_B.mean() / L - (lam.to(psi_BK) * (psi_BK.sum(dim=1) / K)).mean() / L
+    else:
+        loss = -l_pos_B.mean() / L - lam * (psi_BK.sum(dim=1) / K).mean() / L
 
     with torch.no_grad():
         kept = keep_BK.float()
@@ -91,6 +99,36 @@ def mclr_loss(l_pos_B: torch.Tensor, l_neg_BK: torch.Tensor, L: int, lam: float,
             else torch.zeros((), device=r.device),
             "kept_frac": kept.mean(),
         }
+    return loss, stats
+
+
+# ---- GFT (Chen et al., ICML 2025, arXiv 2501.15420) -------------------------------------------------------------
+def gft_loss(z_cond_BLV: torch.Tensor, z_uncond_BLV: torch.Tensor, beta_B: torch.Tensor,
+             idx_BL: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Guidance-free training (docs/method.md, "GFT"): the cross-entropy of the data tokens under the mixed logits
+
+        z = beta_b * z_cond + (1 - beta_b) * sg[z_uncond],
+
+    averaged over every token of every row (GFT's F.cross_entropy over B * L). Only z_cond carries gradient: the
+    unconditional logits are a stop-gradient target, detached here whatever the caller passes.
+
+    Stats (per token): nll of the conditional logits alone, nll_uncond of the unconditional ones, and the mean beta.
+    """
+    if z_cond_BLV.ndim != 3 or z_cond_BLV.shape != z_uncond_BLV.shape:
+        raise ValueError(f"z_cond_BLV and z_uncond_BLV must be the same (B, L, V), got {tuple(z_cond_BLV.shape)} "
+                         f"and {tuple(z_uncond_BLV.shape)}")
+    B, L, V = z_cond_BLV.shape
+    _check_B("beta_B", beta_B, B)
+    if tuple(idx_BL.shape) != (B, L):
+        raise ValueError(f"idx_BL must have shape {(B, L)}, got {tuple(idx_BL.shape)}")
+    beta_B11 = beta_B.to(z_cond_BLV).view(B, 1, 1)
+    z_BLV = beta_B11 * z_cond_BLV + (1 - beta_B11) * z_uncond_BLV.detach()
+    target_N = idx_BL.reshape(B * L)
+    loss = F.cross_entropy(z_BLV.reshape(B * L, V), target_N)
+    with torch.no_grad():
+        stats = {"loss": _d(loss), "nll": _d(F.cross_entropy(z_cond_BLV.reshape(B * L, V), target_N)),
+                 "nll_uncond": _d(F.cross_entropy(z_uncond_BLV.reshape(B * L, V), target_N)),
+                 "beta": _d(beta_B.float().mean())}
     return loss, stats
 
 

@@ -32,6 +32,7 @@ REGISTERED = (
     "cc_dpo",
     "unlearning",
     "ddo",
+    "gft",
 )
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     import_module(f"{__name__}.{module}").OBJECTIVE for module in REGISTERED)}
@@ -39,7 +40,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
 # Objectives registered after the demo's stage directories were first named by a hash of the config
 # (experiments/pipeline.py): their loss section is left out of to_dict while at its defaults
 # (config.OMITTED_AT_DEFAULT), so every earlier stage keeps its name.
-ADDED_LATER = ("ddo",)
+ADDED_LATER = ("ddo", "gft")
 
 # The config's `loss` section: one sub-section loss.<name> per objective with settings, typed by its dataclass.
 LossConfig = dataclasses.make_dataclass(

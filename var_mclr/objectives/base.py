@@ -63,7 +63,7 @@ class Objective:
     var_mclr/objectives/__init__.py (docs/method.md, "MCLR objective" and "Baselines")."""
     name: str
     plan: Planner
-    loss: LossFn
+    loss: LossFn | None  # None only with `score`, which computes the loss itself
     settings: type | None = None  # the dataclass of the config section loss.<name>; None: no settings
     check: Checker = _no_checks  # value rules of loss.<name>, run by the config checker before any work
     needs_reference: bool = False  # a frozen copy of the starting model scores the same rows without gradients
@@ -71,6 +71,9 @@ class Objective:
     # None: one teacher-forced pass over the plan's rows, then `loss` (objectives/__init__.py, objective_loss);
     # else this runs the passes and the loss itself.
     score: Scorer | None = None
+    # The strength a user names at sampling time (eval --strength) -> the model's strength input, for a model this
+    # objective trained with model.strength_cond (GFT: beta itself; the MCLR dial: docs/method.md). None: the input.
+    strength_input: Callable[[float], float] | None = None
     extra_rows: RowOpener | None = None  # a second data source scored beside the data batch (DDO); None: data only
 
 
