@@ -8,7 +8,9 @@ import torch
 
 from var_mclr import losses
 from var_mclr.likelihood import NEGATIVE_MODES, sample_negatives
+from var_mclr.objectives import dial
 from var_mclr.objectives.base import ClassPlan, Objective, no_flags, nonnegative, out_of_range
+from var_mclr.objectives.passes import score_rows
 
 
 @dataclass
@@ -21,6 +23,10 @@ class MCLRConfig:
     tau_multiple: float = field(default=2.0, metadata={"omitted_at_default": True})  # config.OMITTED_AT_DEFAULT
     negatives: str = "uniform"  # likelihood.NEGATIVE_MODES: uniform | roll | null | mixed | all
     smooth_cap: bool = False
+    # The strength dial (var_mclr/objectives/dial.py): [lo, hi] draws each image's lambda from that range (lam_draw:
+    # log-uniform or uniform) and gives it to the model (model.strength_cond), in place of lam. null: off.
+    lam_range: list[float] | None = field(default=None, metadata={"omitted_at_default": True})
+    lam_draw: str = field(default="log", metadata={"omitted_at_default": True})
 
 
 def check(m: MCLRConfig, cfg, selected: bool) -> list[str]:
@@ -35,6 +41,7 @@ def check(m: MCLRConfig, cfg, selected: bool) -> list[str]:
                       f"data.num_classes - 1 = {n - 1}, got {m.K}")
     if not m.tau_multiple > 0:
         errors.append(f"loss.mclr.tau_multiple must be > 0, got {m.tau_multiple}")
+    errors += dial.dial_errors(m.lam_range, m.lam_draw, cfg.model.strength_cond, selected)
     return errors + out_of_range("mclr", m, [
         ("lam", nonnegative, "a finite number >= 0"),
         # tau = 0 caps every pair from step 0: the run would be the nll control under MCLR's name.
@@ -50,15 +57,33 @@ def plan(cfg, label_G: torch.Tensor, num_classes: int, class_dropout: float, gen
         drop_G = torch.rand(label_G.shape, generator=generator) < class_dropout
         pos_G = torch.where(drop_G, torch.full_like(label_G, num_classes), label_G)
         exclude_GK = exclude_GK | drop_G.unsqueeze(1)
-    return ClassPlan(torch.cat((pos_G.unsqueeze(1), neg_GK), 1), torch.cat((no_flags(label_G), exclude_GK), 1))
+    # The dial draws last, so that without it every other draw (and every existing run) is unchanged.
+    lam_G = None if m.lam_range is None else dial.draw_lambda(m.lam_range, m.lam_draw, len(label_G), generator)
+    return ClassPlan(torch.cat((pos_G.unsqueeze(1), neg_GK), 1), torch.cat((no_flags(label_G), exclude_GK), 1),
+                     strength_B=lam_G)
 
 
-def loss(cfg, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int):
+def loss(cfg, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.Tensor, L: int,
+         lam: float | torch.Tensor | None = None):
+    """MCLR at loss.mclr.lam, or at one lambda per image (the dial)."""
     m = cfg.mclr
     if isinstance(m.tau, str):
         raise ValueError(f"loss.mclr.tau = {m.tau!r} must be resolved to a number first (var_mclr.calibration)")
-    return losses.mclr_loss(l_BK[:, 0], l_BK[:, 1:], L, lam=m.lam, tau=m.tau, smooth_cap=m.smooth_cap,
-                            exclude_BK=mask_BK[:, 1:])
+    return losses.mclr_loss(l_BK[:, 0], l_BK[:, 1:], L, lam=m.lam if lam is None else lam, tau=m.tau,
+                            smooth_cap=m.smooth_cap, exclude_BK=mask_BK[:, 1:])
 
 
-OBJECTIVE = Objective("mclr", plan, loss, settings=MCLRConfig, check=check)
+def score(cfg, var, ref, plan: ClassPlan, idx_BL: torch.Tensor, x_BLCv: torch.Tensor):
+    """The registry's one pass over the plan's rows; with the dial, every row of image b at the model input of its
+    lambda_b (dial.lam_input; the null class gets the neutral input whatever it is given) and the loss at lambda_b."""
+    if plan.strength_B is None:
+        l_BK, _, mask_BK = score_rows(var, ref, plan, idx_BL, x_BLCv, needs_reference=False)
+        return loss(cfg, l_BK, None, mask_BK, idx_BL.shape[1])
+    lam_B = plan.strength_B.to(idx_BL.device, non_blocking=True)
+    strength_BK = dial.lam_input(lam_B).unsqueeze(1).expand(plan.classes_BK.shape)
+    l_BK, _, mask_BK = score_rows(var, ref, plan, idx_BL, x_BLCv, needs_reference=False, strength_BK=strength_BK)
+    return loss(cfg, l_BK, None, mask_BK, idx_BL.shape[1], lam=lam_B)
+
+
+OBJECTIVE = Objective("mclr", plan, loss, settings=MCLRConfig, check=check, score=score,
+                      strength_input=dial.strength_input)
