@@ -117,7 +117,7 @@ class ReferenceSamples:
         chosen = sample_indices(seed, micro_index, global_batch, len(self))[mine]
         idx_FL = self.idx_NL[chosen].long().to(self.device, non_blocking=True)
         x_FLCv = self.vae.quantize.idxBl_to_var_input(list(idx_FL.split(self.sizes, dim=1)))
-        return ExtraRows(self.label_N[chosen].to(self.device, non_blocking=True), idx_FL, x_FLCv)
+        return ExtraRows(self.label_N[chosen], idx_FL, x_FLCv)  # labels on the host, as a plan's classes are
 
 
 def open_reference_samples(path: str | None, key: str, ref, vae, device: torch.device) -> ReferenceSamples:

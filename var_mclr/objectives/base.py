@@ -37,7 +37,7 @@ Scorer = Callable[[Any, Any, Any, ClassPlan, torch.Tensor, torch.Tensor], tuple[
 class ExtraRows:
     """Rows with their own tokens, scored beside the data batch in the same pass (DDO: the reference model's samples,
     docs/method.md, "DDO"). Each row is scored under its own label."""
-    label_F: torch.Tensor
+    label_F: torch.Tensor  # on the host, as a ClassPlan's classes: the pass moves them without a host sync
     idx_FL: torch.Tensor
     x_FLCv: torch.Tensor  # the teacher-forcing input of idx_FL
 
