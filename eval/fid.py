@@ -36,7 +36,8 @@ from eval.grid import class_names, labelled_grid, save_png
 from eval.metrics import (class_accuracy, feature_statistics, frechet_distance, frechet_distance_few_samples,
                           inception_score, precision_recall, to_uint8_nhwc)
 from eval.run_data import DataSpecError, own_classifier_net, recorded_data
-from eval.sampling_run import balanced_labels, code_version, load_models, sample_set
+from eval.sampling_run import (balanced_labels, code_version, load_models, sample_set, strength_input_of,
+                               strength_objective)
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args
 from eval.shards import (Shard, fingerprint, images_of_classes, read_shard, shard_dir, shard_path,
                          stream_samples_npz, write_shard)
@@ -127,11 +128,11 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
     device, out_dir = accelerator.device, Path(args.out_dir)
     vae, var, provenance = load_models(args)
     vae, var = vae.to(device), var.to(device)
-    sampling = args.sampling(var.num_classes)
+    sampling = args.sampling(var.num_classes, strength_input_of(args, var))
     data = recorded_data(args.ckpt)
     if net is None or ref is None:  # the reference is the main process's alone: the others only embed shards
         net, ref = feature_backend(args, vae.resolution, device, data, accelerator.is_main_process)
-    fps = (fingerprint({"checkpoint": provenance, "sampling": sampling.__dict__, "seed": args.seed,
+    fps = (fingerprint({"checkpoint": provenance, "sampling": sampling.record(), "seed": args.seed,
                         "batch_size": args.batch_size}),
            fingerprint({"network": net.name, "weights": net.weights_sha256}))
     with contextlib.ExitStack() as held:
@@ -160,9 +161,14 @@ def evaluate(args: EvalSettings, net: FeatureNet | None = None, ref: Reference |
 
 def eval_record(args: EvalSettings, sampling, var, provenance: dict, net: FeatureNet, ref: Reference) -> dict:
     """What metrics.json says of a run: the settings as they were used (the model's own class count; the CFG
-    scale only when sampling was guided), hashes and the code version."""
+    scale only when sampling was guided; --strength, what it means and the model input it gave, only when given),
+    hashes and the code version."""
     settings = {**args.to_dict(), "num_classes": var.num_classes, "top_k": sampling.top_k, "top_p": sampling.top_p}
-    used = dict(sampling.__dict__)
+    if args.strength is None:
+        settings.pop("strength")
+    else:
+        settings["strength_of"] = strength_objective(args.ckpt)  # gft: beta; mclr: the dial's lambda
+    used = sampling.record()
     if sampling.guidance == "none":
         for key in ("cfg_scale", "cfg_schedule"):
             settings.pop(key)

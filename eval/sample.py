@@ -21,7 +21,7 @@ from PIL import Image
 from eval.grid import class_names, labelled_grid, save_png
 from eval.metrics import to_uint8_nhwc
 from eval.run_data import recorded_data
-from eval.sampling_run import code_version, load_models, sample_set
+from eval.sampling_run import code_version, load_models, sample_set, strength_input_of, strength_objective
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args
 from var_mclr.checkpoints import is_official_checkpoint
 from var_mclr.errors import reporting_user_errors
@@ -44,7 +44,7 @@ def sample_classes(args: EvalSettings, classes: list[int], n: int) -> Path:
     if out.exists():
         raise SettingsError(f"--out-dir {out} exists; choose a new directory (nothing is overwritten)")
     names = class_names(recorded_data(args.ckpt), var.num_classes)
-    sampling = args.sampling(var.num_classes)
+    sampling = args.sampling(var.num_classes, strength_input_of(args, var))
     labels_N = torch.tensor(classes).repeat_interleave(n)
     result = sample_set(var.to(device), vae.to(device), sampling, labels_N, args.batch_size, args.seed, device)
     images = torch.from_numpy(to_uint8_nhwc(result.images_N3HW))
@@ -54,8 +54,10 @@ def sample_classes(args: EvalSettings, classes: list[int], n: int) -> Path:
         save_png(Image.fromarray(img.numpy()), tmp / f"{c}_{i % n}.png")
     rows = [images[labels_N == c] for c in classes]
     save_png(labelled_grid(rows, [f"{c}: {names[c]}" for c in classes]), tmp / "grid.png")
-    record = {"classes": classes, "n": n, "sampling": sampling.__dict__, "seed": args.seed, "checkpoint": provenance,
+    record = {"classes": classes, "n": n, "sampling": sampling.record(), "seed": args.seed, "checkpoint": provenance,
               "class_names": {c: names[c] for c in classes}, "code_version": code_version()}
+    if args.strength is not None:  # what was asked (beta or lambda); sampling.strength is the model input it gave
+        record.update(strength=args.strength, strength_of=strength_objective(args.ckpt))
     write_text_atomic(tmp / "sample.json", json.dumps(record, indent=2))
     tmp.rename(out)
     log.info("wrote %d samples and grid.png to %s", len(labels_N), out)
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.ckpt is None:
             raise SettingsError("--ckpt is required (our VAR .safetensors or an official var_d*.pth)")
         if args.out_dir is None:
-            name = f"samples-{args.guidance}-s{args.seed}-" + "-".join(map(str, args.classes[:8]))
+            strength = "" if args.strength is None else f"-strength{args.strength:g}"
+            name = f"samples-{args.guidance}{strength}-s{args.seed}-" + "-".join(map(str, args.classes[:8]))
             local = not is_hub_name(args.ckpt) and not is_official_checkpoint(args.ckpt)
             args.out_dir = str(Path(args.ckpt).parent / name if local else Path("runs/samples") / Path(args.ckpt).stem
                                / name)

@@ -23,6 +23,7 @@ from var_mclr.checkpoints import (CheckpointError, is_official_checkpoint, load_
 from var_mclr.hub import local_path
 from var_mclr.files import file_sha256
 from var_mclr.model import VAR
+from var_mclr.objectives import OBJECTIVES
 from var_mclr.sampling import SamplingConfig, sample_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,27 @@ def load_models(args: EvalSettings, ckpt: str | None = None) -> tuple[VQVAE, VAR
     """load_for_eval with an evaluation's settings (ckpt: another model than args.ckpt, e.g. a compare row)."""
     return load_for_eval(ckpt or args.ckpt, args.tokenizer, args.official_vae, args.depth if ckpt is None else None,
                          args.num_classes, args.allow_other_tokenizer, args.tokenizer_arch)
+
+
+def strength_input_of(args: EvalSettings, var: VAR) -> float | None:
+    """The model's strength input for --strength (docs/method.md, "GFT" and "A strength dial for MCLR"): GFT's beta as
+    it is, the MCLR dial's lambda as 1 / (1 + lambda), by the objective the checkpoint records. A model without
+    strength conditioning refuses it."""
+    if args.strength is None:
+        return None
+    if var.strength_emb is None:
+        raise SettingsError(f"--strength {args.strength}: {args.ckpt} has no strength conditioning (it was trained "
+                            "without model.strength_cond); sample it without --strength")
+    to_input = getattr(OBJECTIVES.get(strength_objective(args.ckpt)), "strength_input", None)
+    try:
+        return args.strength if to_input is None else to_input(args.strength)
+    except ValueError as e:
+        raise SettingsError(f"--strength {args.strength}: {e}") from e
+
+
+def strength_objective(ckpt: str) -> str | None:
+    """The objective a strength-conditioned checkpoint (always ours) was trained with: it says what --strength means."""
+    return None if is_official_checkpoint(ckpt) else read_model_info(ckpt).get("objective")
 
 
 def _check_asked(ckpt: str, var: VAR, depth: int | None, num_classes: int | None) -> None:

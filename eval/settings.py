@@ -38,6 +38,9 @@ class EvalSettings:
     top_k: int | None = None  # None: VAR's FID protocol (900) for 1000-class models, off (0) otherwise
     top_p: float | None = None  # None: VAR's FID protocol (0.96) for 1000-class models, off (0) otherwise
     mixed_precision: str = "no"  # no | bf16: the transformer under bf16 autocast while sampling
+    # The sampling strength of a strength-conditioned model (model.strength_cond): GFT's beta, the MCLR dial's lambda
+    # (eval/sampling_run.py, strength_input_of); None: the model's neutral input. Refused for other models.
+    strength: float | None = None
     num_samples: int = 5000
     batch_size: int = 500
     seed: int = 0
@@ -50,14 +53,15 @@ class EvalSettings:
     out_dir: str = "runs/eval/latest"
     keep_shards: bool = False  # keep OUT/shards/ after samples.npz is assembled (they hold the same images)
 
-    def sampling(self, num_classes: int) -> SamplingConfig:
+    def sampling(self, num_classes: int, strength_input: float | None = None) -> SamplingConfig:
         """The sampler's settings for a model of num_classes classes: unset top-k / top-p follow VAR's FID protocol
-        (top-k 900, top-p 0.96) for ImageNet's 1000 classes and are off otherwise (the small models here)."""
+        (top-k 900, top-p 0.96) for ImageNet's 1000 classes and are off otherwise (the small models here).
+        strength_input: the model's input for --strength (eval/sampling_run.py, strength_input_of)."""
         imagenet = num_classes == VAR_FID_CLASSES
         top_k = self.top_k if self.top_k is not None else (VAR_FID_TOP_K if imagenet else 0)
         top_p = self.top_p if self.top_p is not None else (VAR_FID_TOP_P if imagenet else 0.0)
         return SamplingConfig(guidance=self.guidance, cfg_scale=self.cfg_scale, cfg_schedule=self.cfg_schedule,
-                              top_k=top_k, top_p=top_p, mixed_precision=self.mixed_precision)
+                              top_k=top_k, top_p=top_p, mixed_precision=self.mixed_precision, strength=strength_input)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,6 +75,7 @@ class EvalSettings:
             ("--cfg-scale", self.cfg_scale, math.isfinite(self.cfg_scale), "a finite number"),
             ("--top-k", self.top_k, self.top_k is None or self.top_k >= 0, "an integer >= 0 (0: off)"),
             ("--top-p", self.top_p, self.top_p is None or 0 <= self.top_p <= 1, "in [0, 1] (0: off)"),
+            ("--strength", self.strength, self.strength is None or math.isfinite(self.strength), "a finite number"),
         ) if not ok]
         # Only the inception and dinov2 features read a reference file; the mnist features compare with the embedded
         # training digits, so a reference given with them would be silently ignored.
@@ -107,6 +112,10 @@ def add_eval_arguments(p: argparse.ArgumentParser, with_ckpt: bool = True) -> ar
     p.add_argument("--top-p", type=float, help="default: 0.96 (VAR's FID protocol) for 1000-class models, else 0 (off)")
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default=d.mixed_precision,
                    help="bf16: run the transformer under bf16 autocast while sampling (GPU speed)")
+    if with_ckpt:  # one model's strength (a comparison of several models has no one strength)
+        p.add_argument("--strength", type=float,
+                       help="sampling strength of a strength-conditioned model: beta in (0, 1] for GFT (1: no "
+                            "guidance), lambda >= 0 for the MCLR dial (0: none); refused for other models")
     p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
