@@ -120,11 +120,12 @@ def arch(cfg: Config) -> Arch:
 
 
 def rows_per_image(cfg: Config) -> int:
-    """How many (image, class) rows the objective scores per image, read from its own class plan."""
+    """How many (image, class) rows the objective scores per image, read from its own class plan (plus one row of
+    its second data source per image: DDO's reference samples, docs/method.md, "DDO")."""
     objective = get_objective(cfg.train.objective)
     plan = objective.plan(cfg.loss, torch.zeros(2, dtype=torch.long), cfg.data.num_classes, 0.0,
                           torch.Generator().manual_seed(0))
-    return plan.classes_BK.shape[1]
+    return plan.classes_BK.shape[1] + (objective.extra_rows is not None)
 
 
 def _fixed_memory(cfg: Config, a: Arch, world: int, sharding: str, device: str) -> dict[str, float]:
