@@ -153,3 +153,17 @@ def test_sampling_strength_is_beta_itself():
     for bad in (0.0, 1.2, -1.0):
         with pytest.raises(ValueError, match="beta"):
             GFT.strength_input(bad)
+
+
+def test_a_short_gft_run_trains_the_strength_module_and_saves_it(tmp_path):
+    from test_train import metrics, tiny_run_tree, write_cfg
+    from var_mclr.checkpoints import load_model
+    from var_mclr.train import train
+
+    base = train(load_config(write_cfg(tmp_path, tiny_run_tree(tmp_path, "pre", steps=2), "pre")))
+    tree = tiny_run_tree(tmp_path, "gft", objective="gft", steps=3, lr=1e-3, class_dropout=0.1)
+    tree["model"].update(init=str(base), strength_cond=True)
+    result = load_model(train(load_config(write_cfg(tmp_path, tree, "gft"))))
+    rows = metrics(tmp_path / "gft")
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) and 0 < r["beta"] < 1 for r in rows)
+    assert result.cfg.strength_cond and result.strength_emb.mlp[2].weight.abs().sum() > 0
