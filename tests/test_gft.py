@@ -1,5 +1,5 @@
-"""GFT (docs/method.md, "GFT"; thu-ml/GFT, LlamaGen/autoregressive/train/GFT_c2i.py): the loss by hand, the stop-gradient
-on the unconditional logits, the two passes (unconditional: evaluation mode, no gradient, null class, beta = 1;
+"""GFT (docs/method.md, "GFT"; thu-ml/GFT, LlamaGen/autoregressive/train/GFT_c2i.py): the loss by hand, the
+stop-gradient on the unconditional logits, the two passes (unconditional: evaluation mode, no gradient, null class, beta = 1;
 conditional: training mode, label, beta), the planner's betas and the config's rules."""
 import math
 

@@ -210,7 +210,7 @@ class SharedAdaLin(nn.Linear):
 # Strength conditioning as GFT's (thu-ml/GFT, LlamaGen/autoregressive/models/gpt.py, TimestepEmbedder): a sinusoid of
 # 1000 s at 256 frequencies (periods up to 10000) through Linear-SiLU-Linear. docs/method.md, "GFT".
 STRENGTH_FREQ_DIM, STRENGTH_MAX_PERIOD, STRENGTH_SCALE = 256, 10_000.0, 1000.0
-NEUTRAL_STRENGTH = 1.0  # GFT's beta = 1, the unguided model: the null class always gets it, and so does a row given none
+NEUTRAL_STRENGTH = 1.0  # GFT's beta = 1, the unguided model: the null class always gets it, as does a row given none
 
 
 class StrengthEmbedding(nn.Module):

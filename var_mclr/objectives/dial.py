@@ -1,5 +1,5 @@
-"""The MCLR strength dial (loss.mclr.lam_range; docs/method.md, "A strength dial for MCLR"): each image's lambda is drawn
-from a range and given to a strength-conditioned model (model.strength_cond), so that one fine-tuning serves every
+"""The MCLR strength dial (loss.mclr.lam_range; docs/method.md, "A strength dial for MCLR"): each image's lambda is
+drawn from a range and given to a strength-conditioned model (model.strength_cond), so that one fine-tuning serves every
 strength in the range, chosen at sampling time with eval --strength LAMBDA.
 
 The model's input for lambda is 1 / (1 + lambda): GFT's beta for CFG at w = lambda (beta = 1 / (1 + w)), which is the
