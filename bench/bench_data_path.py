@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from var_mclr import train as train_mod  # noqa: E402
+from var_mclr import batches  # noqa: E402
 from var_mclr.objectives import LossConfig, get_objective  # noqa: E402
 
 log = logging.getLogger("bench.data_path")
@@ -31,8 +31,8 @@ def host_step(labels_N, sampler_iter, seed: int, step: int, accum: int, global_m
     """The host work of one optimizer step of train.py's loop (rank 0's share), without the model."""
     for micro in range(accum):
         next(sampler_iter)  # the DataLoader's batch sampler runs in the main process too
-        gen = train_mod.step_generator(seed, step, micro)
-        idx_G = train_mod.batch_indices(seed, step * accum + micro, global_micro, len(labels_N))
+        gen = batches.step_generator(seed, step, micro)
+        idx_G = batches.batch_indices(seed, step * accum + micro, global_micro, len(labels_N))
         plan = objective.plan(loss_cfg, labels_N[idx_G], 1000, 0.0, gen)
         flip_G = torch.rand(global_micro, generator=gen) < 0.5
         plan.slice(mine), idx_G[mine], flip_G[mine]
@@ -43,10 +43,10 @@ def time_steps(args, cached: bool) -> list[float]:
     micro = args.global_batch // world // args.accum
     labels_N = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0))
     if not cached:  # the old path: a fresh permutation on every call
-        train_mod.epoch_permutation.cache_clear()
-        original = train_mod.epoch_permutation
-        train_mod.epoch_permutation = original.__wrapped__
-    sampler = iter(train_mod.RankBatchSampler(0, micro * world, n, 0, micro, 0, 10 ** 9))
+        batches.epoch_permutation.cache_clear()
+        original = batches.epoch_permutation
+        batches.epoch_permutation = original.__wrapped__
+    sampler = iter(batches.RankBatchSampler(0, micro * world, n, 0, micro, 0, 10 ** 9))
     loss_cfg = LossConfig()
     out = []
     try:
@@ -57,7 +57,7 @@ def time_steps(args, cached: bool) -> list[float]:
             out.append((time.perf_counter() - t0, time.thread_time() - c0))
     finally:
         if not cached:
-            train_mod.epoch_permutation = original
+            batches.epoch_permutation = original
     return out[5:]
 
 

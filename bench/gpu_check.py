@@ -141,7 +141,7 @@ def _train_cfg(args, depth: int, objective: str, micro: int, ckpt: bool):
 
 def _train_step_fn(cfg, device):
     """A model, its optimizer and one training step of cfg on random tokens, the way var_mclr/train.py steps."""
-    from var_mclr.train import make_optimizer
+    from var_mclr.optim import make_optimizer
 
     vae_cfg = vqvae_config(cfg.tokenizer)
     var_cfg = var_config(cfg.model, vae_cfg.vocab_size, vae_cfg.z_channels, cfg.data.num_classes,

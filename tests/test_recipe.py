@@ -12,7 +12,8 @@ from test_train import tiny_run_tree
 from var_mclr.builders import build_var, frozen_copy
 from var_mclr.config import load_config
 from var_mclr.model import VAR, VARConfig
-from var_mclr.train import lr_lambda, make_optimizer, train
+from var_mclr.optim import lr_lambda, make_optimizer
+from var_mclr.train import train
 
 
 def _cfg(tmp_path, **train_overrides):

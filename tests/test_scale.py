@@ -67,14 +67,14 @@ def test_without_a_global_batch_the_per_process_settings_stand():
 
 
 def test_batch_indices_draw_one_permutation_per_epoch(monkeypatch):
-    import var_mclr.train as train_mod
+    import var_mclr.batches as batches
 
-    train_mod.epoch_permutation.cache_clear()
+    batches.epoch_permutation.cache_clear()
     draws = []
     real = torch.randperm
     monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a) or real(*a, **k))
     n, gb = 10, 4
-    got = torch.cat([train_mod.batch_indices(7, i, gb, n) for i in range(5)])  # 20 positions: epochs 0 and 1
+    got = torch.cat([batches.batch_indices(7, i, gb, n) for i in range(5)])  # 20 positions: epochs 0 and 1
     assert len(draws) == 2
     expected = torch.cat([real(n, generator=torch.Generator().manual_seed(7 * 7_919 + e)) for e in (0, 1)])
     assert torch.equal(got, expected)  # the same stream as before: resumed runs and old runs read the same order
@@ -116,11 +116,6 @@ def test_verification_is_a_setting(tmp_path, monkeypatch):
                              "data.verify=false"])
     args = data.dataset_args(cfg.to_dict()["data"])
     assert args["verify"] is False and len(data.build_dataset(args, "train")) == 6
-
-
-def test_fsdp_is_refused_before_any_work_until_checkpoints_gather_sharded_state():
-    with pytest.raises(ConfigError, match="cannot yet save or resume sharded weights"):
-        resolve_batch(_cfg("train.global_batch=8"), 2, torch.device("cpu"), "fsdp")
 
 
 def test_a_global_batch_trains_like_one_micro_batch_and_is_logged(tmp_path, caplog):

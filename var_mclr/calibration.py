@@ -14,11 +14,11 @@ import torch
 from var_mclr.config import ConfigError
 from var_mclr.likelihood import loglik_under_classes
 from var_mclr.objectives import LossConfig, plan_mclr
+from var_mclr.objectives.mclr import AUTO  # noqa: F401 (the value of loss.mclr.tau it resolves)
 from var_mclr.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
 # Below this the starting model barely tells classes apart (e.g. a fresh initialisation): no cap is informative.
 MIN_MEAN_LOG_RATIO = 1e-3
 

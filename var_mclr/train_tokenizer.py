@@ -33,7 +33,7 @@ from var_mclr.config import Config, ConfigError, run_from_command_line, save_con
 from var_mclr.data import build_dataset, dataset_args  # the data VAR training reads, exactly
 from var_mclr.run_dir import RunDirError, check_resume, claim_run_dir, record_changes, run_dir_lock
 from var_mclr.tokenizer_heldout import ReconstructionStopper
-from var_mclr.train import RankBatchSampler, step_generator
+from var_mclr.batches import RankBatchSampler, step_generator
 from var_mclr.train_state import resume_newest, save_training_state
 
 log = logging.getLogger("var_mclr.train_tokenizer")

@@ -28,9 +28,6 @@ LossFn = Callable[[Any, torch.Tensor, "torch.Tensor | None", torch.Tensor, int],
                   tuple[torch.Tensor, dict[str, torch.Tensor]]]
 # (the objective's own settings, the whole run config, whether train.objective selects it) -> error lines
 Checker = Callable[[Any, Any, bool], list[str]]
-# (loss config, model, reference or None, this process's plan, idx_BL, x_BLCv) -> (loss, stats): the forward passes
-# and the loss of one micro-batch, for an objective that needs more than the plan's l_BK (GFT mixes two passes' logits).
-Scorer = Callable[[Any, Any, Any, ClassPlan, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -51,6 +48,14 @@ class RowSource(Protocol):
 # (the whole run config, the frozen reference, the tokenizer, the device) -> the objective's second data source, opened
 # and checked before the first step. An objective with one has a loss that also takes (l_F, reference l_F) of its rows.
 RowOpener = Callable[[Any, Any, Any, torch.device], RowSource]
+# (loss config, model, reference or None, this process's plan, idx_BL, x_BLCv) -> (loss, stats): the forward passes
+# and the loss of one micro-batch, for an objective that needs more than the plan's l_BK (GFT mixes two passes' logits).
+Scorer = Callable[[Any, Any, Any, ClassPlan, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+# (loss config, the starting model, the training TokenStore, num_classes, seed, the saved loss section of a resumed
+# run or None) -> the loss config to train with
+Preparer = Callable[[Any, Any, Any, int, int, "dict | None"], Any]
 
 
 def _no_checks(settings, cfg, selected: bool) -> list[str]:
@@ -68,13 +73,16 @@ class Objective:
     check: Checker = _no_checks  # value rules of loss.<name>, run by the config checker before any work
     needs_reference: bool = False  # a frozen copy of the starting model scores the same rows without gradients
     contrasts_classes: bool = True  # scores an image under another class: needs data.num_classes >= 2
+    extra_rows: RowOpener | None = None  # a second data source scored beside the data batch (DDO); None: data only
     # None: one teacher-forced pass over the plan's rows, then `loss` (objectives/__init__.py, objective_loss);
     # else this runs the passes and the loss itself.
     score: Scorer | None = None
     # The strength a user names at sampling time (eval --strength) -> the model's strength input, for a model this
     # objective trained with model.strength_cond (GFT: beta itself; the MCLR dial: docs/method.md). None: the input.
     strength_input: Callable[[float], float] | None = None
-    extra_rows: RowOpener | None = None  # a second data source scored beside the data batch (DDO); None: data only
+    # Settings measured from the starting model before the first step (MCLR's tau: auto, docs/method.md, "The cap");
+    # a resumed run passes its saved loss section instead, so they are never re-measured on the fine-tuned model.
+    prepare: Preparer | None = None
 
 
 def positive(v) -> bool:  # finite and > 0

@@ -2,6 +2,7 @@
 Its cap `tau: auto` is measured from the starting model by var_mclr/calibration.py before the first step."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,8 @@ from var_mclr.objectives import dial
 from var_mclr.objectives.base import ClassPlan, Objective, no_flags, nonnegative, out_of_range
 from var_mclr.objectives.passes import score_rows
 
+AUTO = "auto"  # loss.mclr.tau: tau_multiple x the starting model's mean per-token log-ratio
+
 
 @dataclass
 class MCLRConfig:
@@ -19,7 +22,7 @@ class MCLRConfig:
     K: int = 1
     # Per-token cap on the log-ratio (docs/method.md, "The cap"): a number; null = uncapped (collapses); "auto" =
     # tau_multiple x the starting model's mean per-token log-ratio on training pairs (var_mclr/calibration.py).
-    tau: float | str | None = "auto"
+    tau: float | str | None = AUTO
     tau_multiple: float = field(default=2.0, metadata={"omitted_at_default": True})  # config.OMITTED_AT_DEFAULT
     negatives: str = "uniform"  # likelihood.NEGATIVE_MODES: uniform | roll | null | mixed | all
     smooth_cap: bool = False
@@ -85,5 +88,22 @@ def score(cfg, var, ref, plan: ClassPlan, idx_BL: torch.Tensor, x_BLCv: torch.Te
     return loss(cfg, l_BK, None, mask_BK, idx_BL.shape[1], lam=lam_B)
 
 
-OBJECTIVE = Objective("mclr", plan, loss, settings=MCLRConfig, check=check, score=score,
+def prepare(cfg, model, tokens, num_classes: int, seed: int, saved: dict | None):
+    """tau: auto measured on the starting model (a resumed run keeps the value its start measured); a fixed cap that
+    would cap nearly every pair from step 0 is refused (docs/method.md, "The cap")."""
+    from var_mclr import calibration  # here, not at the top: calibration draws its pairs with this file's planner
+
+    m = cfg.mclr
+    if saved is not None:
+        tau = saved.get("mclr", {}).get("tau", AUTO) if m.tau == AUTO else m.tau
+    elif m.tau == AUTO:
+        tau = calibration.resolve_auto_tau(model, tokens, cfg, num_classes, seed)
+    else:
+        if m.tau is not None:
+            calibration.check_fixed_tau(model, tokens, cfg, num_classes, seed)
+        return cfg
+    return dataclasses.replace(cfg, mclr=dataclasses.replace(m, tau=tau))
+
+
+OBJECTIVE = Objective("mclr", plan, loss, settings=MCLRConfig, check=check, prepare=prepare, score=score,
                       strength_input=dial.strength_input)
