@@ -45,8 +45,8 @@ def cell(cfg, world, memory, tflops, mfu) -> str:
     name, p = first_fit(cfg, world, memory, tflops, mfu)
     if name is None:
         return f"does not fit ({p.peak / plan_mod.GIB:.0f} GiB)"
-    if name.startswith("FSDP"):  # train.py refuses FSDP for now (var_mclr.plan.FSDP_NOT_YET)
-        name = f"needs {name} (not yet in train.py)"
+    if name.startswith("FSDP"):
+        name = f"needs {name} (configs/accelerate/fsdp.yaml)"
     return f"{name}: {p.micro_batch} x {p.grad_accum}, {p.peak / plan_mod.GIB:.0f} GiB, {p.epoch_s / 3600:.1f} h"
 
 

@@ -40,14 +40,21 @@ class TrackedSet:
         return len(self.labels_N)
 
     @torch.no_grad()
-    def sums(self, var, rank: int, world: int, batch_size: int) -> torch.Tensor:
-        """(sum of nll per token, sum of log-ratio per token, count) over this process's share of the images."""
+    def sums(self, var, rank: int, world: int, batch_size: int, lockstep: bool = False) -> torch.Tensor:
+        """(sum of nll per token, sum of log-ratio per token, count) over this process's share of the images.
+        lockstep: every process runs the same number of forwards (a sharded model gathers its weights in each, so
+        all must take part); a process past its share scores the first batch again and discards it."""
         out = torch.zeros(3, dtype=torch.float64, device=self.labels_N.device)
         L = self.idx_NL.shape[1]
-        for start in range(rank * batch_size, len(self), world * batch_size):
-            sl = slice(start, start + batch_size)
+        stride = world * batch_size
+        end = math.ceil(len(self) / stride) * stride if lockstep else len(self)
+        for start in range(rank * batch_size, end, stride):
+            mine = start < len(self)
+            sl = slice(start, start + batch_size) if mine else slice(0, batch_size)
             classes_BK = torch.stack([self.labels_N[sl], self.negatives_N[sl]], dim=1)
             l_BK = loglik_under_classes(var, classes_BK, self.x_NLC[sl], self.idx_NL[sl]).double()
+            if not mine:
+                continue
             out[0] += (-l_BK[:, 0] / L).sum()
             out[1] += ((l_BK[:, 0] - l_BK[:, 1]) / L).sum()
             out[2] += len(l_BK)
@@ -67,14 +74,16 @@ class HeldoutTracker:
             self.sets[name] = TrackedSet(images, labels, vae, device, num_classes)
 
     def evaluate(self, var, rank: int = 0, world: int = 1,
-                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
-        """heldout_nll, heldout_log_ratio, train_nll, train_log_ratio (per token, means over the set's images)."""
+                 reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                 lockstep: bool = False) -> dict[str, float]:
+        """heldout_nll, heldout_log_ratio, train_nll, train_log_ratio (per token, means over the set's images).
+        lockstep: for a sharded model (TrackedSet.sums)."""
         was_training = var.training
         var.eval()
         try:
             out = {}
             for name, tracked in self.sets.items():
-                nll, ratio, count = reduce_sum(tracked.sums(var, rank, world, self.batch_size)).tolist()
+                nll, ratio, count = reduce_sum(tracked.sums(var, rank, world, self.batch_size, lockstep)).tolist()
                 out[f"{name}_nll"], out[f"{name}_log_ratio"] = nll / count, ratio / count
         finally:
             var.train(was_training)

@@ -5,7 +5,9 @@
 Memory per GPU is the sum of
 - fixed state: fp32 weights (4 B/param), fp32 grads (4), AdamW's two moments (8), DDP's gradient buckets (4, when
   more than one process), the bf16 weight copies autocast caches for the backward (2); with FSDP the first three are
-  split over the processes and two gathered blocks are added; the frozen reference of cca / cc_dpo / unlearning (4)
+  split over the processes, the bf16 copies go (FSDP gathers bf16 weights; var_mclr/sharding.py), and two gathered
+  blocks plus the root unit (embeddings, head norm, head: gathered for the whole step, with its unsharded grads)
+  are added; the frozen reference (never sharded) of cca / cc_dpo / unlearning (4)
   and the tokenizer when images are encoded on the fly;
 - activations: rows per image (the objective's classes scored per image: nll 1, mclr 1 + K, the pair objectives 2)
   x micro-batch x L x width x a per-token constant per block. The constants (ACTIVATION_BYTES) were measured on the
@@ -135,6 +137,8 @@ def _fixed_memory(cfg: Config, a: Arch, world: int, sharding: str, device: str) 
     mem = {"weights (fp32)": 4 * P / split, "AdamW moments (fp32)": 8 * P / split}
     if sharding == "fsdp":  # the gathered block being computed and the next one prefetched, in the compute dtype
         mem["FSDP gathered blocks"] = 2 * a.block_params * (2 if lowp else 4)
+        # the root unit stays gathered from the forward to the end of the backward, its grads unsharded till then
+        mem["FSDP root unit (gathered + grads)"] = 2 * (P - a.depth * a.block_params) * (2 if lowp else 4)
     elif world > 1:
         mem["DDP gradient buckets (fp32)"] = 4 * P
     if lowp and sharding != "fsdp":
@@ -297,9 +301,9 @@ def fix_hints(cfg: Config, world: int, gpu_memory_gb: float, sharding: str) -> l
         hints.append(f"{pre}train.activation_checkpointing=true with train.micro_batch={m}")
     for ckpt in (False, True):
         if sharding != "fsdp" and (m := fits({**gb, "activation_checkpointing": ckpt}, "fsdp")):
-            hints.append(f"sharding (FSDP, configs/accelerate/fsdp.yaml, with train.micro_batch={m}"
-                         + (" and train.activation_checkpointing=true" if ckpt else "")
-                         + "), which train.py does not run yet (docs/scale.md); or larger GPUs")
+            hints.append(f"sharding (FSDP: accelerate launch --config_file configs/accelerate/fsdp.yaml, with "
+                         f"train.micro_batch={m}" + (" and train.activation_checkpointing=true" if ckpt else "")
+                         + "); or larger GPUs")
             break
     return hints or ["nothing in train.* fits: use more or larger GPUs, or a smaller model"]
 
@@ -357,8 +361,6 @@ def resolve_batch(cfg: Config, world: int, device: torch.device, sharding: str =
     plan must fit the GPU's memory (train.micro_batch = auto: the largest micro-batch that does). A ConfigError names
     the keys to change otherwise. Without train.global_batch the config's batch_size and grad_accum stand."""
     t = cfg.train
-    if sharding == "fsdp":
-        raise ConfigError(FSDP_NOT_YET)
     if not t.global_batch:
         micro = t.batch_size
     else:
@@ -384,14 +386,6 @@ def resolve_batch(cfg: Config, world: int, device: torch.device, sharding: str =
         micro = plan.micro_batch
     accum = t.global_batch // (world * micro) if t.global_batch else t.grad_accum
     return micro, accum
-
-
-# FSDP2 itself trains VAR correctly (tests/test_fsdp.py), but train.py's checkpoints, resume and saved model read and
-# write unsharded weights and optimizer state (train_state.py, checkpoints.py): until they gather sharded state, a
-# sharded run would fail at its first checkpoint, so it is refused before any work.
-FSDP_NOT_YET = ("FSDP: train.py cannot yet save or resume sharded weights (docs/scale.md, 'Sharded training'); launch "
-                "with configs/accelerate/ddp.yaml: every shipped config fits 8 x 80 GB and 4 x 80 GB without sharding "
-                "(python -m var_mclr.plan)")
 
 
 def sharding_of(accelerator) -> str:

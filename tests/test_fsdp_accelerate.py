@@ -1,0 +1,42 @@
+"""accelerate's FSDP2 on two CPU processes (gloo), with the helpers train.py uses under it (var_mclr/sharding.py).
+
+accelerate itself does not shard on a CPU (tests/accelerate_fsdp_on_cpu.py says where, and admits it for this
+test); tests/fsdp_accelerate_worker.py does the work, launched with the shipped configs/accelerate/fsdp.yaml."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_imagenet_workflow import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp2_trains_the_fused_head_and_gathers_saves_and_restores_the_full_state():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                          str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+                          "--main_process_port", str(free_port()), str(REPO / "tests" / "fsdp_accelerate_worker.py")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # accelerate sharded it as configs/accelerate/fsdp.yaml says: each block a unit, the head in the root unit
+    assert out["fsdp2"] and out["units"] == ["FSDPAdaLNSelfAttn", "FSDPVAR"] and out["head_local_rows"] == 32
+    # The fused head's custom backward on the gathered weight, and checkpointed blocks, give the gradients plain
+    # autograd gives the unsharded model on the whole batch (float32: reduction order only).
+    assert max(out["grad_diff"]) < 1e-4 * out["head_grad_scale"]
+    assert out["losses"] == pytest.approx(out["ref_losses"], rel=1e-6)
+    assert out["norms"] == pytest.approx(out["ref_norms"], rel=1e-5)  # clipping sees the global norm
+    assert out["skipped_step_kept_weights"]  # found_inf skips the fused AdamW step on DTensor parameters
+    # the gathered full state is the unsharded model's, in its keys, shapes and optimizer layout
+    assert out["same_keys"] and out["same_shapes"] and out["state_diff"] < 1e-4
+    assert out["opt_same_layout"] and out["opt_diff"] < 1e-6
+    # restored from the saved files onto the shards, model and optimizer continue exactly
+    assert out["resumed_loss"] == out["continued_loss"] and out["resumed_weights_equal"]
+    # (weights equal to ~1e-6 here, so the small log-ratio sum agrees to ~1e-6 absolute)
+    assert out["heldout_sharded"] == pytest.approx(out["heldout_whole"], rel=1e-5, abs=1e-5)
+    assert out["nonfinite_seen_by_rank0"] == {"head.weight": 2}  # a NaN in rank 1's shard
