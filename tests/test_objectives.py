@@ -31,7 +31,7 @@ def test_every_number_of_every_objective_has_a_rule(section, key):
 
 def test_the_selected_objective_needs_two_classes_unless_it_is_nll():
     for name, o in OBJECTIVES.items():
-        overrides = [f"train.objective={name}", "data.num_classes=1", "loss.mclr.tau=0.5"]
+        overrides = [f"train.objective={name}", "data.num_classes=1", "loss.mclr.tau=0.5", "model.strength_cond=true"]
         if o.contrasts_classes:
             with pytest.raises(ConfigError, match=f"train.objective = {name} contrasts"):
                 load_config(None, overrides, check_files=False)
