@@ -7,9 +7,22 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import tiny_vae
+from conftest import tiny_vae, tiny_var
+from test_train import metrics, tiny_run_tree, write_cfg
+from var_mclr.builders import tokenizer_record
+from var_mclr.checkpoints import save_model, weights_sha256
+from var_mclr.config import ConfigError, load_config
+from var_mclr.likelihood import loglik
 from var_mclr.losses import ddo_loss
+from var_mclr.objectives import OBJECTIVES, objective_loss
+from var_mclr.objectives.base import ExtraRows
+from var_mclr.plan import rows_per_image
+from var_mclr.reference_samples import main, make_reference_samples
+from var_mclr.sample_store import SampleSetError, open_reference_samples, read_sample_set, sample_indices
+from var_mclr.sampling import SamplingConfig, sample_tokens
+from var_mclr.train import train
 
 # Hand-computed with beta = 0.5, alpha = 2 (docs/method.md, "DDO"):
 #   data: Delta = (10 - 8, -4 + 2) = (2, -2), d = (1, -1): -log sigmoid(d) = (log(1 + e^-1), log(1 + e)),
@@ -79,13 +92,11 @@ def test_bad_shapes_and_settings_are_refused():
 
 # ---- the registry entry -------------------------------------------------------------------------------------------
 def _ddo_cfg(**settings):
-    from var_mclr.config import load_config
     return load_config(None, ["train.objective=ddo", *[f"loss.ddo.{k}={v}" for k, v in settings.items()]],
                        check_files=False)
 
 
 def test_the_registry_scores_sequences_not_token_means():
-    from var_mclr.objectives import OBJECTIVES
     cfg = _ddo_cfg(alpha=ALPHA, beta=BETA)
     l_data, lref_data, l_fake, lref_fake = _tensors()
     # L = 10: an objective that divided by L (a per-token mean) would give another value.
@@ -95,7 +106,6 @@ def test_the_registry_scores_sequences_not_token_means():
 
 
 def test_settings_have_value_rules_naming_the_key():
-    from var_mclr.config import ConfigError
     for key, value in (("alpha", -1), ("beta", 0), ("beta", ".inf")):
         with pytest.raises(ConfigError, match=rf"loss\.ddo\.{key} = .* is out of range"):
             _ddo_cfg(**{key: value})
@@ -110,9 +120,6 @@ def test_the_ddo_section_at_its_defaults_leaves_earlier_stage_names_alone():
 
 
 def test_gradient_reaches_the_trained_model_only(vae):
-    from conftest import tiny_var
-    from var_mclr.objectives import OBJECTIVES, objective_loss
-    from var_mclr.objectives.base import ExtraRows
     cfg = _ddo_cfg(alpha=1.0, beta=0.5)
     var, ref = tiny_var(vae, num_classes=4, seed=0).train(), tiny_var(vae, num_classes=4, seed=1).train()
     for p in ref.parameters():  # left trainable on purpose: only the objective may keep its gradient away
@@ -128,7 +135,6 @@ def test_gradient_reaches_the_trained_model_only(vae):
     assert all(p.grad is None for p in ref.parameters())
     assert sum(float(p.grad.abs().sum()) for p in var.parameters() if p.grad is not None) > 0
     # The value is ddo_loss of the sequence log-likelihoods of both models, each row under its own label.
-    from var_mclr.likelihood import loglik
     with torch.no_grad():
         want, _ = ddo_loss(loglik(var, torch.tensor([0, 1, 2]), x_of(idx_BL), idx_BL),
                            loglik(ref, torch.tensor([0, 1, 2]), x_of(idx_BL), idx_BL),
@@ -145,9 +151,6 @@ def _var_input(vae):
 
 # ---- the reference-sample stage -----------------------------------------------------------------------------------
 def _saved_reference(tmp_path, seed=0):
-    from conftest import tiny_var
-    from var_mclr.builders import tokenizer_record
-    from var_mclr.checkpoints import save_model
     vae = tiny_vae()
     tok = tmp_path / "tok.safetensors"
     if not tok.exists():
@@ -158,10 +161,6 @@ def _saved_reference(tmp_path, seed=0):
 
 
 def test_the_sample_stage_writes_one_unit_records_its_settings_and_reloads(tmp_path):
-    from var_mclr.checkpoints import weights_sha256
-    from var_mclr.reference_samples import main
-    from var_mclr.sample_store import open_reference_samples, read_sample_set
-    from var_mclr.sampling import SamplingConfig, sample_tokens
     ckpt, vae, var = _saved_reference(tmp_path)
     out = tmp_path / "sets" / "r1"
     main(["--ckpt", str(ckpt), "--n-per-class", "3", "--out", str(out), "--batch-size", "5", "--seed", "7"])
@@ -175,7 +174,7 @@ def test_the_sample_stage_writes_one_unit_records_its_settings_and_reloads(tmp_p
     # The recorded seeding rule reproduces the second batch (indices 5..9) with the sampler itself.
     gen = torch.Generator().manual_seed(7 * 1_000_003 + 5)
     again = sample_tokens(var.eval(), vae.quantize, label_N[5:10], SamplingConfig(guidance="none"), gen)
-    assert torch.equal(torch.cat(again.idx_Bl, 1), idx_NL[5:10])
+    assert torch.equal(torch.cat(again.idx_Bl, 1), idx_NL[5:10].long())
     store = open_reference_samples(str(out), "loss.ddo.samples", var, vae, torch.device("cpu"))
     rows = store.rows(seed=0, micro_index=2, global_batch=4, mine=slice(0, 4))
     torch.testing.assert_close(rows.x_FLCv, _var_input(vae)(rows.idx_FL))
@@ -183,12 +182,10 @@ def test_the_sample_stage_writes_one_unit_records_its_settings_and_reloads(tmp_p
 
 
 def _rows_of(store, seed, micro, global_batch):
-    from var_mclr.sample_store import sample_indices
     return sample_indices(seed, micro, global_batch, len(store))
 
 
 def test_sample_order_is_a_function_of_seed_and_step_and_covers_the_set_each_epoch():
-    from var_mclr.sample_store import sample_indices
     n, g = 10, 4
     stream = torch.cat([sample_indices(3, m, g, n) for m in range(5)])  # two epochs
     assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:20].tolist()) == list(range(10))
@@ -197,8 +194,6 @@ def test_sample_order_is_a_function_of_seed_and_step_and_covers_the_set_each_epo
 
 
 def test_a_set_from_another_model_or_tokenizer_or_none_at_all_is_refused(tmp_path):
-    from var_mclr.reference_samples import make_reference_samples
-    from var_mclr.sample_store import SampleSetError, open_reference_samples
     ckpt, vae, var = _saved_reference(tmp_path)
     out = make_reference_samples(str(ckpt), 1, tmp_path / "set", batch_size=4)
     _, _, other = _saved_reference(tmp_path, seed=1)
@@ -214,3 +209,49 @@ def test_a_set_from_another_model_or_tokenizer_or_none_at_all_is_refused(tmp_pat
     with pytest.raises(SampleSetError, match=r"--out .* already exists"):
         make_reference_samples(str(ckpt), 2, out)
     assert (out / "samples.safetensors").read_bytes() == before
+
+
+def test_the_command_line_reports_a_taken_out_directory_in_one_line(tmp_path, capsys):
+    ckpt, _, _ = _saved_reference(tmp_path)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--ckpt", str(ckpt), "--n-per-class", "1", "--out", str(tmp_path / "taken")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: --out ") and not any((tmp_path / "taken").iterdir())
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+def _ddo_run(tmp_path, name: str, steps: int, samples, init) -> dict:
+    tree = tiny_run_tree(tmp_path, name, objective="ddo", steps=steps, lr=1e-3)
+    tree["model"]["init"] = str(init)
+    tree["loss"] = {"ddo": {"alpha": 1.0, "beta": 0.5, "samples": str(samples)}}
+    return tree
+
+
+def test_a_tiny_ddo_run_trains_and_resumes_bit_for_bit(tmp_path):
+    pre = train(load_config(write_cfg(tmp_path, tiny_run_tree(tmp_path, "pre", steps=2), "pre")))
+    samples = make_reference_samples(str(pre), 8, tmp_path / "pre_samples", batch_size=16)
+    full = train(load_config(write_cfg(tmp_path, _ddo_run(tmp_path, "full", 3, samples, pre), "full")))
+    rows = metrics(tmp_path / "full")
+    # Step 0: the model is its reference, so d = 0 on every row and the loss is (1 + alpha) log 2.
+    assert rows[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5) and abs(rows[0]["delta_fake"]) < 1e-4
+    assert rows[-1]["delta_data"] > rows[-1]["delta_fake"]  # the discriminator has started to tell them apart
+    # Stopped after 2 steps, then resumed to 3: the same weights as the uninterrupted run.
+    train(load_config(write_cfg(tmp_path, _ddo_run(tmp_path, "resumed", 2, samples, pre), "resumed2")))
+    resumed = train(load_config(write_cfg(tmp_path, _ddo_run(tmp_path, "resumed", 3, samples, pre), "resumed3")))
+    a, b = load_file(resumed), load_file(full)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_refuses_samples_of_another_model_before_writing_anything(tmp_path):
+    pre = train(load_config(write_cfg(tmp_path, tiny_run_tree(tmp_path, "pre", steps=1), "pre")))
+    other, _, _ = _saved_reference(tmp_path, seed=3)  # the same architecture and tokenizer, other weights
+    samples = make_reference_samples(str(other), 2, tmp_path / "other_samples", batch_size=8)
+    with pytest.raises(SampleSetError, match=r"loss\.ddo\.samples .* not by this run's reference model"):
+        train(load_config(write_cfg(tmp_path, _ddo_run(tmp_path, "ddo", 2, samples, pre), "ddo")))
+    assert not (tmp_path / "ddo" / "config.yaml").exists() and not (tmp_path / "ddo" / "checkpoints").exists()
+
+
+def test_the_memory_plan_counts_the_sample_rows():
+    assert rows_per_image(_ddo_cfg()) == 2  # each image's row and one reference sample's
+    assert rows_per_image(load_config(None, ["train.objective=nll"], check_files=False)) == 1

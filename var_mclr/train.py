@@ -38,6 +38,7 @@ from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
 from var_mclr.heldout import HeldoutTracker, is_improvement
 from var_mclr.objectives import Objective, get_objective, objective_loss
+from var_mclr.objectives.base import RowSource
 from var_mclr.optim import make_optimizer, make_scheduler
 from var_mclr.plan import resolve_batch, sharding_of
 from var_mclr.run_dir import check_resume, claim_run_dir, input_hashes, record_changes, run_dir_lock
@@ -76,6 +77,7 @@ class Run:
     inputs: dict  # hashes of the files the run starts from (run_dir.check_resume)
     device_skip: bool  # CUDA: a non-finite step is skipped on the device (var_mclr/step_skip.py)
     images: object = None  # an iterator of image batches when tokens are encoded on the fly
+    rows: RowSource | None = None  # the objective's second data source (Objective.extra_rows: DDO's samples)
 
     @property
     def global_micro_batch(self) -> int:  # images of one micro-step over all processes
@@ -165,6 +167,9 @@ def setup(cfg: Config) -> Run:
     cfg = with_batch(cfg, accelerator)
     set_seed(cfg.run.seed)  # the same fresh initialisation on every process and every rerun
     vae, var, ref, inputs = build_models(cfg, accelerator.device)
+    objective = get_objective(cfg.train.objective)
+    # DDO's reference samples: opened, and checked to be model.init's, before anything is written
+    rows = objective.extra_rows(cfg, ref, vae, accelerator.device) if objective.extra_rows is not None else None
     dataset, tokens = load_training_data(cfg, accelerator, vae, var)
     cfg = with_steps(cfg, len(tokens), accelerator.num_processes)
     tracker = (HeldoutTracker(dataset_args(dataclasses.asdict(cfg.data)), cfg.run.eval_images, vae,
@@ -172,11 +177,11 @@ def setup(cfg: Config) -> Run:
     optimizer = make_optimizer(cfg, var)
     scheduler = make_scheduler(cfg, optimizer)
     var, optimizer = accelerator.prepare(var, optimizer)
-    return Run(cfg=cfg, accelerator=accelerator, objective=get_objective(cfg.train.objective),
+    return Run(cfg=cfg, accelerator=accelerator, objective=objective,
                out_dir=Path(cfg.run.out_dir), vae=vae, var=var, model=accelerator.unwrap_model(var), ref=ref,
                dataset=dataset, tokens=tokens, tracker=tracker, optimizer=optimizer, scheduler=scheduler,
                inputs=inputs, device_skip=device_skip_available(optimizer, accelerator.device,
-                                                                cfg.train.mixed_precision))
+                                                                cfg.train.mixed_precision), rows=rows)
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -318,9 +323,12 @@ def accumulate_gradients(run: Run, step: int) -> tuple[torch.Tensor, dict]:
         mine = slice(rank * t.batch_size, (rank + 1) * t.batch_size)
         idx_BL, x_BLCv = run.tokens.batch(idx_G[mine], None if flip_G is None else flip_G[mine],
                                           None if run.images is None else next(run.images)[0])
+        extra = (None if run.rows is None else  # drawn from (seed, micro-step), as the data batch is
+                 run.rows.rows(cfg.run.seed, step * t.grad_accum + micro, run.global_micro_batch, mine))
         sync = accelerator.no_sync(run.var) if micro < t.grad_accum - 1 else contextlib.nullcontext()
         with sync, accelerator.autocast():
-            loss, stats = objective_loss(run.objective, cfg.loss, run.var, run.ref, plan.slice(mine), idx_BL, x_BLCv)
+            loss, stats = objective_loss(run.objective, cfg.loss, run.var, run.ref, plan.slice(mine), idx_BL, x_BLCv,
+                                         extra)
             accelerator.backward(loss / t.grad_accum)
         loss_sum += loss.detach()
         for k, v in stats.items():  # kept on the device; reduced across processes only at log steps
