@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from var_mclr.batches import RankBatchSampler, batch_indices, step_generator
 from var_mclr.builders import build_tokenizer, build_var, frozen_copy, tokenizer_record
-from var_mclr.checkpoints import (CheckpointError, nonfinite_entries, parameters_in, read_model_info,
-                                  read_safetensors, save_model)
+from var_mclr.checkpoints import CheckpointError, read_model_info, read_safetensors, save_model
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config
 from var_mclr.data import build_dataset, dataset_args
 from var_mclr.errors import UserError
@@ -41,6 +40,7 @@ from var_mclr.objectives import Objective, get_objective, objective_loss
 from var_mclr.objectives.base import RowSource
 from var_mclr.optim import make_optimizer, make_scheduler
 from var_mclr.plan import resolve_batch, sharding_of
+from var_mclr import sharding
 from var_mclr.run_dir import check_resume, claim_run_dir, input_hashes, record_changes, run_dir_lock
 from var_mclr.step_skip import PendingSteps, device_skip_available, skip_unless
 from var_mclr.tokens import TokenStore
@@ -186,10 +186,14 @@ def setup(cfg: Config) -> Run:
 
 def make_accelerator(cfg: Config) -> Accelerator:
     # run.log_with: experiment trackers through accelerate (TensorBoard under run.out_dir/tb by default, or wandb).
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                       log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
-                       project_config=ProjectConfiguration(project_dir=cfg.run.out_dir,
-                                                           logging_dir=str(Path(cfg.run.out_dir) / "tb")))
+    # An FSDP launch (configs/accelerate/fsdp.yaml) gets the run's precision policy (var_mclr/sharding.py).
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=None if cfg.run.log_with == "none" else cfg.run.log_with,
+                              project_config=ProjectConfiguration(project_dir=cfg.run.out_dir,
+                                                                  logging_dir=str(Path(cfg.run.out_dir) / "tb")),
+                              fsdp_plugin=sharding.fsdp_plugin(cfg.train.mixed_precision))
+    sharding.check_sharding(accelerator)
+    return accelerator
 
 
 def with_batch(cfg: Config, accelerator: Accelerator) -> Config:
@@ -262,7 +266,9 @@ def resume(run: Run) -> tuple[Run, LoopState]:
     """Continue from the newest usable checkpoint of run.out_dir, or start fresh; the objective's measured settings
     are resolved here (kept from the run's start on a resume). Writes the resolved config.yaml."""
     cfg, loop, saved_loss = run.cfg, LoopState(), None
-    resumed = resume_newest(run.out_dir, run.model, run.optimizer, run.scheduler)
+    # under FSDP the checkpoint's full state is scattered onto the shards (sharding.restorable)
+    resumed = resume_newest(run.out_dir, *sharding.restorable(run.accelerator, run.model, run.optimizer),
+                            run.scheduler)
     if resumed:
         loop.resumed_from, state = resumed
         check_resume(loop.resumed_from, state, cfg, run.inputs, cfg.train.steps)
@@ -271,7 +277,9 @@ def resume(run: Run) -> tuple[Run, LoopState]:
         saved_loss = state.get("config", {}).get("loss", {})
         log.info("resumed from %s at step %d", loop.resumed_from, loop.start_step)
     if run.objective.prepare is not None:  # every process measures the same pairs
-        loss = run.objective.prepare(cfg.loss, run.model, run.tokens, cfg.data.num_classes, cfg.run.seed, saved_loss)
+        with sharding.evaluation_precision(run.accelerator):
+            loss = run.objective.prepare(cfg.loss, run.model, run.tokens, cfg.data.num_classes, cfg.run.seed,
+                                         saved_loss)
         cfg = dataclasses.replace(cfg, loss=loss)
     if resumed:
         loop.history = record_changes(state.get("config", {}), cfg.to_dict(), loop.start_step,
@@ -325,7 +333,7 @@ def accumulate_gradients(run: Run, step: int) -> tuple[torch.Tensor, dict]:
                                           None if run.images is None else next(run.images)[0])
         extra = (None if run.rows is None else  # drawn from (seed, micro-step), as the data batch is
                  run.rows.rows(cfg.run.seed, step * t.grad_accum + micro, run.global_micro_batch, mine))
-        sync = accelerator.no_sync(run.var) if micro < t.grad_accum - 1 else contextlib.nullcontext()
+        sync = sharding.accumulation_sync(accelerator, run.var, micro == t.grad_accum - 1)
         with sync, accelerator.autocast():
             loss, stats = objective_loss(run.objective, cfg.loss, run.var, run.ref, plan.slice(mine), idx_BL, x_BLCv,
                                          extra)
@@ -342,7 +350,7 @@ def apply_update(run: Run, loop: LoopState, step: int, loss_sum: torch.Tensor) -
     AdamW skips it on the device and the host reads the outcome at the next log or checkpoint step
     (var_mclr/step_skip.py): no host sync in between."""
     t, accelerator, optimizer = run.cfg.train, run.accelerator, run.optimizer
-    grad_norm = accelerator.clip_grad_norm_(run.var.parameters(), t.grad_clip)
+    grad_norm = sharding.plain(accelerator.clip_grad_norm_(run.var.parameters(), t.grad_clip))
     finite = torch.isfinite(accelerator.reduce(loss_sum, "sum")) & torch.isfinite(torch.as_tensor(grad_norm))
     loop.pending.append(step, finite)
     if run.device_skip:
@@ -390,13 +398,17 @@ def after_step(run: Run, loop: LoopState, step: int, outcome: StepOutcome, progr
     if run.tracker is not None and (done % cfg.run.eval_every == 0 or done == cfg.train.steps):
         loop.best = _track(run, step, loop.best)
     if is_checkpoint_step(cfg, done):
-        require_finite_weights(run.model, done, loop)  # the same on every process
+        require_finite_weights(run, done, loop)  # the same on every process
         run.accelerator.wait_for_everyone()
         if loop.nonfinite_in_row:
             log.warning("step %d: no checkpoint, the weights gave a non-finite loss at the last step", done)
-        elif run.accelerator.is_main_process:
+            return
+        # FSDP: every process takes part in gathering the full state onto the main process
+        model, optimizer = (sharding.FullModel.gather(run.accelerator, run.model),
+                            sharding.FullOptimizer.gather(run.accelerator, run.model, run.optimizer))
+        if run.accelerator.is_main_process:
             loop.last_ckpt = save_training_state(
-                run.out_dir, done, run.model, run.optimizer, run.scheduler,
+                run.out_dir, done, model, optimizer, run.scheduler,
                 {"nonfinite_total": loop.nonfinite_total, "config": cfg.to_dict(), "best_heldout": loop.best,
                  "inputs": run.inputs, "config_history": loop.history}, keep=cfg.run.keep_ckpts)
 
@@ -416,9 +428,9 @@ def _log_step(run: Run, loop: LoopState, step: int, outcome: StepOutcome, progre
     log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in scalars.items()))
 
 
-def require_finite_weights(model: torch.nn.Module, step: int, loop: LoopState) -> None:
+def require_finite_weights(run: Run, step: int, loop: LoopState) -> None:
     """Parameters holding inf/NaN stop the run: no later step can repair them, and they are never saved."""
-    bad = nonfinite_entries(parameters_in(model, model.state_dict()))
+    bad = sharding.nonfinite_parameters(run.accelerator, run.model)
     if bad:
         raise NonFiniteLossError(
             f"after step {step} the parameters hold {sum(bad.values())} inf/NaN values (e.g. {next(iter(bad))}); "
@@ -429,11 +441,13 @@ def _track(run: Run, step: int, best: dict | None) -> dict | None:
     """One held-out evaluation after `step`: logged, and with train.keep = best_heldout a new lowest held-out nll
     saves the weights as best.safetensors. Returns the (possibly new) best."""
     accelerator, cfg = run.accelerator, run.cfg
-    scores = run.tracker.evaluate(run.model, accelerator.process_index, accelerator.num_processes,
-                                  lambda t: accelerator.reduce(t, "sum"))
+    with sharding.evaluation_precision(accelerator):  # FSDP: every process runs as many forwards (lockstep)
+        scores = run.tracker.evaluate(run.model, accelerator.process_index, accelerator.num_processes,
+                                      lambda t: accelerator.reduce(t, "sum"), sharding.is_sharded(accelerator))
     improved = cfg.train.keep == "best_heldout" and is_improvement(scores["heldout_nll"], best and best["heldout_nll"])
     if improved:
         best = {"step": step + 1, "heldout_nll": scores["heldout_nll"]}
+    model = sharding.FullModel.gather(accelerator, run.model) if improved else run.model  # on every process
     if accelerator.is_main_process:
         accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=step)
         with open(run.out_dir / "metrics.jsonl", "a") as f:
@@ -441,7 +455,7 @@ def _track(run: Run, step: int, best: dict | None) -> dict | None:
         log.info("step %d held-out tracking: %s%s", step, " ".join(f"{k}={v:.4f}" for k, v in scores.items()),
                  " (best so far: saved best.safetensors)" if improved else "")
         if improved:
-            save_model(run.model, run.out_dir / "best.safetensors",
+            save_model(model, run.out_dir / "best.safetensors",
                        extra={"objective": cfg.train.objective, "selected": best, "source_config": cfg.to_dict()})
     return best
 
@@ -452,7 +466,7 @@ def finish(run: Run, loop: LoopState) -> Path:
     """Write the run's result, model.safetensors: the final weights, or with train.keep = best_heldout those of the
     lowest held-out nll."""
     cfg = run.cfg
-    require_finite_weights(run.model, cfg.train.steps, loop)
+    require_finite_weights(run, cfg.train.steps, loop)
     if loop.nonfinite_in_row:
         raise NonFiniteLossError(f"the last {loop.nonfinite_in_row} step(s) gave a non-finite loss or gradient, so "
                                  f"the final weights were not saved. {loop.last_good()}; lower train.lr or check the "
@@ -463,10 +477,11 @@ def finish(run: Run, loop: LoopState) -> Path:
              "inputs": run.inputs, "config_history": loop.history,
              "tokenizer": tokenizer_record(cfg.tokenizer.checkpoint, run.vae)}
     if cfg.train.keep == "best_heldout":
-        _load_best(run.model, run.out_dir, loop.best)
+        _load_best(sharding.restorable(run.accelerator, run.model, run.optimizer)[0], run.out_dir, loop.best)
         extra["selected"] = loop.best
+    model = sharding.FullModel.gather(run.accelerator, run.model)  # FSDP: the full state, on the main process
     if run.accelerator.is_main_process:
-        save_model(run.model, final, extra=extra)
+        save_model(model, final, extra=extra)
     run.accelerator.end_training()  # also closes the trackers
     return final
 
