@@ -16,6 +16,7 @@ from var_mclr.checkpoints import save_model, weights_sha256
 from var_mclr.config import ConfigError, load_config
 from var_mclr.likelihood import loglik
 from var_mclr.losses import ddo_loss
+from var_mclr.model import VAR, VARConfig
 from var_mclr.objectives import OBJECTIVES, objective_loss
 from var_mclr.objectives.base import ExtraRows
 from var_mclr.plan import rows_per_image
@@ -255,3 +256,20 @@ def test_a_run_refuses_samples_of_another_model_before_writing_anything(tmp_path
 def test_the_memory_plan_counts_the_sample_rows():
     assert rows_per_image(_ddo_cfg()) == 2  # each image's row and one reference sample's
     assert rows_per_image(load_config(None, ["train.objective=nll"], check_files=False)) == 1
+
+
+def test_an_official_layout_var_is_sampled_with_the_tokenizer_it_is_given(tmp_path):
+    # An official var_d*.pth holds no tokenizer record: --tokenizer names it, and without it the command stops.
+    vae = tiny_vae()
+    save_model(vae, tmp_path / "tok")
+    var = VAR(VARConfig.official(2, vocab_size=vae.V, Cvae=vae.Cvae, num_classes=3, patch_nums=vae.patch_nums))
+    var.init_weights()
+    torch.save(var.state_dict(), tmp_path / "var_d2.pth")
+    with pytest.raises(SampleSetError, match=r"--ckpt .*var_d2\.pth is an official VAR: name its tokenizer"):
+        make_reference_samples(str(tmp_path / "var_d2.pth"), 1, tmp_path / "none")
+    out = make_reference_samples(str(tmp_path / "var_d2.pth"), 2, tmp_path / "set", batch_size=4,
+                                 tokenizer=str(tmp_path / "tok.safetensors"))
+    idx_NL, label_N, settings = read_sample_set(out, "--out")
+    assert idx_NL.shape == (6, var.L) and label_N.tolist() == [0, 0, 1, 1, 2, 2]
+    assert settings["source"]["weights_sha256"] == weights_sha256(var)
+    assert settings["source"]["checkpoint"].endswith("var_d2.pth") and not (tmp_path / "none").exists()
