@@ -33,6 +33,9 @@ MEASURED = [
     dict(depth=3, width=128, objective="mclr", precision="bf16", micro=3, global_batch=3, ckpt=True),
     dict(depth=2, width=128, objective="cca", precision="bf16", micro=2, global_batch=2),
     dict(depth=2, width=128, objective="mclr", precision="bf16", micro=2, global_batch=4, extra=("loss.mclr.K=2",)),
+    # GFT's loss reads whole logits (4 float32 L x V per row, a third of this peak) and runs a no-gradient pass
+    dict(depth=2, width=128, objective="gft", precision="no", micro=8, global_batch=8,
+         extra=("model.strength_cond=true",)),
 ]
 
 
@@ -43,6 +46,12 @@ def test_plan_predicts_the_cpu_peak_within_15_percent(case):
     predicted = plan_mod.plan_config(cfg, 1, 1000.0, device="cpu").peak
     measured = train_steps_peak(cfg)
     assert predicted == pytest.approx(measured, rel=0.15), (predicted / 1e6, measured / 1e6)
+
+
+def test_gft_counts_its_unconditional_pass_once_per_image():
+    nll, gft = (_small(2, 128, o, "no", 4, 4, extra=("model.strength_cond=true",)) for o in ("nll", "gft"))
+    blocks, head = plan_mod.forward_flops_per_row(plan_mod.arch(nll))
+    assert plan_mod.step_flops(gft, 4) == pytest.approx(plan_mod.step_flops(nll, 4) + 4 * (blocks + head))
 
 
 def test_forward_flops_match_torchs_counter():

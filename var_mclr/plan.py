@@ -13,15 +13,17 @@ Memory per GPU is the sum of
   x micro-batch x L x width x a per-token constant per block. The constants (ACTIVATION_BYTES) were measured on the
   CPU with torch.profiler at the real widths and L = 680 by bench/plan_constants.py; they do not depend on the width.
   With train.activation_checkpointing a block keeps only its 4-byte input and one block is recomputed at a time;
+  an objective whose loss reads whole logits (GFT) adds Objective.logits_per_row float32 L x V tensors per row;
 - the peak is the largest of the forward/backward phase, the optimizer step (grads alive; train.py's AdamW is fused
   on CUDA, one kernel without per-parameter temporaries) and the tokenizer's encode.
 A config fits when the peak stays under HEADROOM of the GPU's memory (the rest: CUDA context, NCCL, fragmentation).
 
 Time: forward FLOPs per row = 24 L C^2 per block (qkv, proj, two FFN matmuls) + 4 L^2 C per block (attention, masked
 but dense) + 2 L C V (head); training costs 3x the forward (4x for the fused head, which recomputes its logits in the
-backward), +1x the blocks with checkpointing, +1x per reference row, + the tokenizer's encoder per image when encoding
-on the fly. Step time = FLOPs per GPU / (GPU_TFLOPS x MFU): an assumed throughput (A100 bf16 dense 312 TFLOPS) and
-an assumed utilisation (MFU 0.35), both flags; bench/gpu_check.py measures the real step beside this prediction.
+backward), +1x the blocks with checkpointing, +1x per reference row and per no-gradient row of the objective
+(Objective.no_grad_rows: GFT's unconditional pass), + the tokenizer's encoder per image when encoding on the fly.
+Step time = FLOPs per GPU / (GPU_TFLOPS x MFU): an assumed throughput (A100 bf16 dense 312 TFLOPS) and an assumed
+utilisation (MFU 0.35), both flags; bench/gpu_check.py measures the real step beside this prediction.
 """
 from __future__ import annotations
 
@@ -157,6 +159,8 @@ def activation_bytes(cfg: Config, a: Arch, rows: int, device: str = "cuda") -> d
     ckpt = cfg.train.activation_checkpointing
     return {"activations (blocks)": per_token * a.depth * k["block_ckpt" if ckpt else "block"],
             "activations (embeddings, head)": per_token * k["rest"],
+            "logits kept by the loss (fp32)": 4.0 * rows * a.L * a.vocab
+            * get_objective(cfg.train.objective).logits_per_row,
             "head backward workspace": head_workspace(cfg, a, rows, device),
             # checkpointing: one block's activations alive again while it is recomputed, after the head's backward
             "recomputed block (checkpointing)": per_token * k["block"] if ckpt else 0.0}
@@ -190,7 +194,8 @@ def memory_plan(cfg: Config, world: int, micro_batch: int, sharding: str = "ddp"
     # Grads of earlier micro-batches are alive during the forward when accumulating; else only the backward makes
     # them, while it frees activations, so the backward's peak is near its start.
     held_grads = grads if accum > 1 else 0.0
-    kept = acts["activations (blocks)"] + acts["activations (embeddings, head)"]
+    kept = sum(acts[k] for k in ("activations (blocks)", "activations (embeddings, head)",
+                                 "logits kept by the loss (fp32)"))
     transient = max(acts["head backward workspace"], acts["recomputed block (checkpointing)"])
     phases = {"forward/backward": fixed + held_grads + kept + transient,
               # train.py's AdamW is fused on CUDA and single-tensor on the CPU: no model-sized temporaries
@@ -233,9 +238,10 @@ def step_flops(cfg: Config, global_batch: int) -> float:
     a = arch(cfg)
     blocks, head = forward_flops_per_row(a)
     per_row = 3 * blocks + 4 * head + (blocks if cfg.train.activation_checkpointing else 0.0)
-    if get_objective(cfg.train.objective).needs_reference:
+    objective = get_objective(cfg.train.objective)
+    if objective.needs_reference:
         per_row += blocks + head
-    flops = global_batch * rows_per_image(cfg) * per_row
+    flops = global_batch * (rows_per_image(cfg) * per_row + objective.no_grad_rows * (blocks + head))
     if not cfg.data.cache_tokens:
         flops += global_batch * _encode_flops(vqvae_config(cfg.tokenizer))
     return flops

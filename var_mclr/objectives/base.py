@@ -80,6 +80,11 @@ class Objective:
     # The strength a user names at sampling time (eval --strength) -> the model's strength input, for a model this
     # objective trained with model.strength_cond (GFT: beta itself; the MCLR dial: docs/method.md). None: the input.
     strength_input: Callable[[float], float] | None = None
+    # For the memory and time plan (var_mclr/plan.py), an objective whose passes are not one fused-head pass per row:
+    # float32 (L, V) logits per row its loss keeps at the peak (GFT: 4, measured), and rows per image the model scores
+    # without gradient beside its planned rows (GFT's unconditional target: 1).
+    logits_per_row: int = 0
+    no_grad_rows: int = 0
     # Settings measured from the starting model before the first step (MCLR's tau: auto, docs/method.md, "The cap");
     # a resumed run passes its saved loss section instead, so they are never re-measured on the fine-tuned model.
     prepare: Preparer | None = None
