@@ -167,3 +167,28 @@ def test_a_short_gft_run_trains_the_strength_module_and_saves_it(tmp_path):
     rows = metrics(tmp_path / "gft")
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) and 0 < r["beta"] < 1 for r in rows)
     assert result.cfg.strength_cond and result.strength_emb.mlp[2].weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("beta", [0.25, 0.66, 1.0])
+def test_the_optimum_at_beta_is_cfg_at_w_one_over_beta_minus_one_on_every_scale(beta):
+    # One context, free conditional logits, a fixed unconditional model, tokens in the proportions of p_c: the loss's
+    # minimiser z* makes the mixture p_c, so softmax(z*) = p_c^(1+w) p_u^(-w) / Z with w = 1/beta - 1: the sampler's
+    # constant-schedule CFG step on (log p_c, z_u), drawn in one pass at beta (docs/method.md, "GFT").
+    from var_mclr.sampling import SamplingConfig
+    p_c = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    z_u = torch.tensor([0.3, -0.2, 0.4], dtype=torch.float64)
+    idx = torch.tensor([[0] * 5 + [1] * 3 + [2] * 2])
+    z = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([z], lr=1, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15)
+
+    def closure():
+        opt.zero_grad()
+        loss, _ = gft_loss(z.expand(1, 10, 3), z_u.expand(1, 10, 3), torch.tensor([beta]), idx)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    w = SamplingConfig(guidance="cfg", cfg_schedule="constant", cfg_scale=1 / beta - 1).guidance_at(0, 10)
+    cfg_logits = (1 + w) * torch.log(p_c) - w * z_u
+    torch.testing.assert_close(torch.softmax(z.detach(), 0), torch.softmax(cfg_logits, 0), rtol=1e-6, atol=1e-8)
+    if beta < 1:  # and not the conditional alone
+        assert (torch.softmax(z.detach(), 0) - p_c).abs().max() > 1e-3
