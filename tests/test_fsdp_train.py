@@ -3,7 +3,8 @@
 The DDP run is `accelerate launch --multi_gpu --num_processes 2 var_mclr/train.py`; the FSDP run is `accelerate
 launch --config_file configs/accelerate/fsdp.yaml --num_processes 2`, through tests/fsdp_cpu_train.py, which only
 admits accelerate's FSDP on CPU processes (tests/accelerate_fsdp_on_cpu.py: accelerate shards only on GPUs). Both
-accumulate two micro-batches, clip, track held-out images and checkpoint; CCA brings the frozen reference model.
+accumulate two micro-batches, clip, track held-out images (keeping the best: best.safetensors, loaded back as the
+result) and checkpoint; CCA brings the frozen reference model.
 """
 import json
 import os
@@ -43,7 +44,7 @@ def _launch(kind: str, cfg: Path, cwd: Path) -> None:
 
 def _tree(tmp_path: Path, name: str) -> dict:
     tree = tiny_run_tree(tmp_path, name, objective="cca", steps=4, global_batch=8, micro_batch=2, grad_clip=0.05,
-                         mixed_precision="no")
+                         mixed_precision="no", keep="best_heldout")
     tree["run"].update({"ckpt_every": 2, "keep_ckpts": 2, "eval_every": 2, "eval_images": 6})
     tree["loss"] = {"cca": {"beta": 0.02, "lam": 50.0}}
     return tree
@@ -83,10 +84,13 @@ def test_fsdp_logs_that_it_shards_and_trains_like_ddp_step_by_step(runs):
 
 def test_the_saved_model_and_checkpoints_are_the_files_ddp_writes(runs):
     _, out = runs
-    ddp, fsdp = load_file(out["ddp"][0] / "model.safetensors"), load_file(out["fsdp"][0] / "model.safetensors")
-    assert set(ddp) == set(fsdp) and all(ddp[k].shape == fsdp[k].shape and ddp[k].dtype == fsdp[k].dtype
-                                         for k in ddp)
-    assert max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp) < WEIGHT_ATOL
+    for name in ("model.safetensors", "best.safetensors"):
+        ddp, fsdp = load_file(out["ddp"][0] / name), load_file(out["fsdp"][0] / name)
+        assert set(ddp) == set(fsdp) and all(ddp[k].shape == fsdp[k].shape and ddp[k].dtype == fsdp[k].dtype
+                                             for k in ddp)
+        assert max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp) < WEIGHT_ATOL
+    selected = [json.loads((out[k][0] / "model.json").read_text())["selected"] for k in ("ddp", "fsdp")]
+    assert selected[0]["step"] == selected[1]["step"]
     for name in ("model.safetensors", "optimizer.safetensors"):
         a = load_file(out["ddp"][0] / "checkpoints" / "step_0000004" / name)
         b = load_file(out["fsdp"][0] / "checkpoints" / "step_0000004" / name)
