@@ -192,3 +192,23 @@ def test_the_optimum_at_beta_is_cfg_at_w_one_over_beta_minus_one_on_every_scale(
     torch.testing.assert_close(torch.softmax(z.detach(), 0), torch.softmax(cfg_logits, 0), rtol=1e-6, atol=1e-8)
     if beta < 1:  # and not the conditional alone
         assert (torch.softmax(z.detach(), 0) - p_c).abs().max() > 1e-3
+
+
+def test_a_resumed_gft_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, caplog):
+    # beta, class dropout and drop-path are drawn from (seed, step): a run resumed at step 2 is the 4-step run.
+    from safetensors.torch import load_file
+    from test_train import tiny_run_tree, write_cfg
+    from var_mclr.train import train
+
+    base = train(load_config(write_cfg(tmp_path, tiny_run_tree(tmp_path, "pre", steps=2), "pre")))
+    caplog.set_level("INFO", logger="var_mclr.train")
+    results = {}
+    for name, schedule in (("once", (4,)), ("resumed", (2, 4))):
+        for steps in schedule:
+            tree = tiny_run_tree(tmp_path, name, objective="gft", steps=steps, lr=1e-3, class_dropout=0.2)
+            tree["run"]["ckpt_every"] = 2
+            tree["model"].update(init=str(base), strength_cond=True, drop_path_rate=0.1)
+            results[name] = load_file(train(load_config(write_cfg(tmp_path, tree, f"{name}{steps}"))))
+    assert "at step 2" in " ".join(r.getMessage() for r in caplog.records if "resumed from" in r.getMessage())
+    assert results["once"].keys() == results["resumed"].keys()
+    assert all(torch.equal(results["once"][k], results["resumed"][k]) for k in results["once"])
