@@ -104,11 +104,14 @@ def test_the_saved_model_and_checkpoints_are_the_files_ddp_writes(runs):
 def test_fsdp_resumes_model_and_optimizer_exactly(runs):
     tmp, out = runs
     run_dir, cfg, _ = out["fsdp"]
-    first = load_file(run_dir / "model.safetensors")
+    last = run_dir / "checkpoints" / "step_0000004"
+    first = {name: load_file(last / name) for name in ("model.safetensors", "optimizer.safetensors")}
     for name in ("model.safetensors", "model.json"):
         (run_dir / name).unlink()
-    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    shutil.rmtree(last)
     log = _launch("fsdp", cfg, tmp)
     assert "resumed from" in log and "step_0000002 at step 2" in log
-    again = load_file(run_dir / "model.safetensors")
-    assert all(torch.equal(first[k], again[k]) for k in first)  # steps 3-4 redone from step 2's full state
+    for name, tensors in first.items():  # steps 3-4 redone from step 2's full state, scattered onto the shards
+        again = load_file(last / name)
+        assert set(again) == set(tensors) and all(torch.equal(tensors[k], again[k]) for k in tensors), name
+    assert (run_dir / "model.safetensors").is_file()
