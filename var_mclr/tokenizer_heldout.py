@@ -50,7 +50,7 @@ class ReconstructionStopper:
         try:
             total = 0.0
             for s in range(0, len(self.images_N3HW), batch_size):
-                x = self.images_N3HW[s:s + batch_size]
+                x = self.images_N3HW[s:s + batch_size].to(next(vae.parameters()).device)
                 rec = vae.idxBl_to_img(vae.img_to_idxBl(x), same_shape=True, last_one=True)
                 total += float((rec - x).pow(2).mean(dim=(1, 2, 3)).sum())
             return total / len(self.images_N3HW)
