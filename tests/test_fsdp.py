@@ -1,6 +1,7 @@
 """Sharded training on the CPU: FSDP2 over gloo runs in this torch, so two processes train the same VAR with DDP and
 with FSDP2 (each block a unit, the head in the root unit, as configs/accelerate/fsdp.yaml wraps it) and must agree.
-accelerate itself refuses FSDP without GPUs, so this drives torch's FSDP2 directly (tests/fsdp_worker.py)."""
+This drives torch's FSDP2 directly (tests/fsdp_worker.py); tests/test_fsdp_accelerate.py and test_fsdp_train.py run it
+through accelerate, which shards only on GPUs unless tests/accelerate_fsdp_on_cpu.py admits CPU processes."""
 import json
 import os
 import subprocess
