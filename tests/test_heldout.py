@@ -74,9 +74,14 @@ def test_keep_best_heldout_without_tracking_is_refused(tmp_path):
 def test_epochs_set_the_number_of_steps(tmp_path):
     n = len(build_dataset({"name": "synthetic", "resolution": 16, "num_classes": 4}, "train"))
     tree = tiny_run_tree(tmp_path, "ep", epochs=0.5)
-    train(load_config(write_cfg(tmp_path, tree, "ep")))
+    cfg = load_config(write_cfg(tmp_path, tree, "ep"))
+    given = cfg.to_dict()
+    train(cfg)
     steps = math.ceil(0.5 * n / 16)
     assert steps_for_epochs(0.5, n, 16) == steps
+    # the resolved step count lives in the run's copy and its saved config, never in the caller's config
+    assert cfg.to_dict() == given and cfg.train.steps != steps
+    assert load_config(tmp_path / "ep" / "config.yaml", check_files=False).train.steps == steps
     assert [r["step"] for r in metrics(tmp_path / "ep")] == list(range(steps))
     assert read_model_info(tmp_path / "ep" / "model.safetensors")["steps"] == steps
 
