@@ -273,3 +273,14 @@ def test_an_official_layout_var_is_sampled_with_the_tokenizer_it_is_given(tmp_pa
     assert idx_NL.shape == (6, var.L) and label_N.tolist() == [0, 0, 1, 1, 2, 2]
     assert settings["source"]["weights_sha256"] == weights_sha256(var)
     assert settings["source"]["checkpoint"].endswith("var_d2.pth") and not (tmp_path / "none").exists()
+
+
+def test_two_processes_share_one_draw_of_samples(tmp_path):
+    # Each process takes its slice of the same global draw, as of the data batch: together they score what one would.
+    ckpt, vae, var = _saved_reference(tmp_path)
+    store = open_reference_samples(str(make_reference_samples(str(ckpt), 2, tmp_path / "set", batch_size=8)),
+                                   "loss.ddo.samples", var, vae, torch.device("cpu"))
+    one = store.rows(0, 5, 6, slice(0, 6))
+    halves = [store.rows(0, 5, 6, slice(r * 3, (r + 1) * 3)) for r in (0, 1)]
+    assert torch.equal(torch.cat([h.idx_FL for h in halves]), one.idx_FL)
+    assert torch.equal(torch.cat([h.label_F for h in halves]), one.label_F)
