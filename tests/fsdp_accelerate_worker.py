@@ -166,5 +166,42 @@ def nonfinite_check(acc, var) -> dict:
     return {"nonfinite_seen_by_rank0": counts} if acc.is_main_process else {}
 
 
+def bf16_main() -> None:
+    """The bf16 policy (sharding.fsdp_plugin) against the unsharded model under bf16 autocast, as DDP trains it: what
+    the gathered weights, the residual stream and the log-likelihoods are held in, and the losses of 4 steps."""
+    acc = Accelerator(cpu=True, mixed_precision="bf16", fsdp_plugin=sharding.fsdp_plugin("bf16"))
+    var = build("chunked", checkpointing=False)
+    opt = torch.optim.AdamW(var.parameters(), lr=1e-2)
+    var, opt = acc.prepare(var, opt)
+    ref = build("chunked", checkpointing=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    seen = {}
+    var.blocks[0].register_forward_hook(lambda m, i, o: seen.update(block_output=str(o.dtype)) and None)
+    var.head_nm.register_forward_pre_hook(lambda m, i: seen.update(gathered_head=str(var.head.weight.dtype)) and None)
+    losses, ref_losses = [], []
+    for step in range(4):
+        with acc.autocast():
+            logp = var(*batch(step, acc.process_index)[:2], target_BL=batch(step, acc.process_index)[2])
+            loss = -logp.sum(-1).mean()
+        seen.setdefault("logp", str(logp.dtype))
+        acc.backward(loss)
+        acc.clip_grad_norm_(var.parameters(), CLIP)
+        seen.setdefault("sharded_grad", str(var.head.weight.grad.dtype))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        losses.append(float(total) / acc.num_processes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_loss = loss_of(ref, *global_batch(step, acc.num_processes))
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        ref_losses.append(float(ref_loss))
+    if acc.is_main_process:
+        print(json.dumps({**seen, "master": str(var.head.weight.dtype), "losses": losses, "ref_losses": ref_losses}))
+
+
 if __name__ == "__main__":
-    main()
+    bf16_main() if sys.argv[1:] == ["bf16"] else main()

@@ -24,15 +24,16 @@ def test_an_fsdp_launch_that_accelerate_turned_into_ddp_is_refused(monkeypatch):
     sharding.check_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
 
 
-def test_the_fsdp_policy_gathers_bf16_reduces_fp32_and_leaves_inputs_and_outputs(monkeypatch):
+def test_the_fsdp_policy_gathers_bf16_and_reduces_and_outputs_fp32(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert sharding.fsdp_plugin("bf16") is None  # a DDP launch gets accelerate's defaults
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     policy = sharding.fsdp_plugin("bf16").mixed_precision_policy
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
-    assert policy.output_dtype is None and policy.cast_forward_inputs is False
-    assert sharding.fsdp_plugin("no").mixed_precision_policy.param_dtype is None
+    assert policy.output_dtype == torch.float32 and policy.cast_forward_inputs is False
+    plain = sharding.fsdp_plugin("no").mixed_precision_policy
+    assert plain.param_dtype is None and plain.output_dtype is None
 
 
 def _stepped(seed=0):

@@ -2,8 +2,9 @@
 
 accelerate shards the model (each AdaLNSelfAttn block one unit, the embeddings, head norm and head in the root unit)
 and remaps the optimizer in `accelerator.prepare(model, optimizer)`. Around that, a sharded run needs:
-- the precision policy: bf16 weights gathered for compute, gradients reduced in fp32, and module inputs and outputs
-  left as they are, so the residual stream stays fp32 under autocast as it does under DDP (`fsdp_plugin`);
+- the precision policy: bf16 weights gathered for compute, gradients reduced in fp32, every unit's output (a block's
+  residual stream, the log-likelihoods) in fp32 and its inputs not cast, so under autocast the stream between blocks
+  stays fp32 as under DDP (`fsdp_plugin`);
 - the full model and optimizer state gathered on the main process for checkpoints and the saved model, in the same
   files and layout DDP writes, and a full state scattered back onto the shards on resume (`FullModel`,
   `FullOptimizer`, which stand in for the model and optimizer that train_state.py and checkpoints.py read);
@@ -42,15 +43,16 @@ def fsdp_plugin(mixed_precision: str):
     """The FSDP plugin for Accelerator(fsdp_plugin=...) when FSDP was asked for, else None. Its other settings come
     from the accelerate config (wrapping, resharding); the precision policy is the run's: accelerate's default
     would gather bf16 weights but also reduce gradients in bf16 and cast every unit's inputs and outputs to bf16
-    (a bf16 residual stream and bf16 log-likelihoods)."""
+    (a bf16 residual stream and bf16 log-likelihoods). The root unit's embeddings are gathered in bf16 too, so the
+    stream enters the first block rounded to bf16 (under DDP's autocast it starts in fp32)."""
     if not fsdp_requested():
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dtype = LOW_PRECISION.get(mixed_precision)
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None,
-                                  cast_forward_inputs=False)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                  output_dtype=torch.float32 if dtype else None, cast_forward_inputs=False)
     return FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
 
 
