@@ -115,3 +115,15 @@ def test_fsdp_resumes_model_and_optimizer_exactly(runs):
         again = load_file(last / name)
         assert set(again) == set(tensors) and all(torch.equal(tensors[k], again[k]) for k in tensors), name
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_an_fsdp_launch_on_cpu_processes_is_refused_not_silently_run_as_ddp(tmp_path):
+    """Without tests/accelerate_fsdp_on_cpu.py, accelerate drops the FSDP config on a CPU and would train DDP."""
+    cfg = write_cfg(tmp_path, _tree(tmp_path, "refused"), "refused")
+    done = subprocess.run([ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+                           "--num_processes", "2", "--main_process_port", str(free_port()),
+                           str(REPO / "var_mclr" / "train.py"), "--cfg", str(cfg)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "runs DistributedType.MULTI_CPU here: accelerate shards only on GPUs" in done.stderr
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
