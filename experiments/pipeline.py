@@ -43,6 +43,7 @@ from eval.sampling_run import load_for_eval
 from eval.settings import EvalSettings
 from eval.stage_checks import (base_problem, base_report, checks_block, evaluator_problem, tokenizer_problem,
                                tokenizer_report)
+from experiments.stage_names import stage_hash
 from experiments.tables import markdown_table, spread
 from var_mclr.checkpoints import is_complete_result, load_model
 from var_mclr.config import Config, load_config
@@ -139,17 +140,12 @@ def check_base(cfg: Config, pre: Path, enforce: bool) -> dict:
     return report
 
 
-def config_hash(cfg: Config) -> str:
-    tree = cfg.to_dict()
-    tree["run"] = {k: v for k, v in tree["run"].items() if k != "out_dir"}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def stage(name: str, yaml_name: str, root: Path, overrides: list[str],
           configs: Path = MNIST_CONFIGS) -> tuple[Config, Path]:
-    """The stage's config (configs/<yaml_name>) with its hashed output directory."""
+    """The stage's config (configs/<yaml_name>) with its output directory, named by its hash
+    (experiments/stage_names.py)."""
     cfg = load_config(configs / yaml_name, overrides, check_files=False)
-    out_dir = root / f"{name}-{config_hash(cfg)}"
+    out_dir = root / f"{name}-{stage_hash(cfg)}"
     cfg.run.out_dir = str(out_dir)
     return cfg, out_dir / "model.safetensors"
 

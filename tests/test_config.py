@@ -55,3 +55,33 @@ def test_inheritance_loop_is_caught(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_yaml_boolean_is_the_word_no_only_where_no_is_a_choice():
+    # train.mixed_precision's choices hold "no": YAML 1.1 reads the unquoted word as false, and it means "no".
+    assert load_config(None, ["train.mixed_precision=no"], check_files=False).train.mixed_precision == "no"
+    for key in ("run.out_dir", "data.root", "train.lr_schedule"):  # a path (str, str | None), a choice without "no"
+        with pytest.raises(ConfigError, match=rf"^{key} = False: .*quote the word") as err:
+            load_config(None, [f"{key}=off"], check_files=False)
+        assert "\n" not in str(err.value)
+    assert load_config(None, ['run.out_dir="off"'], check_files=False).run.out_dir == "off"
+
+
+def test_keys_the_run_derives_are_refused_by_name_and_not_read():
+    for key in ("vocab_size", "Cvae", "num_classes", "patch_nums"):
+        with pytest.raises(ConfigError, match=rf"^model\.{key} is not a setting: .*remove it$"):
+            load_config(None, [f"model.{key}=4"], check_files=False)
+        with pytest.raises(AttributeError, match=f"model.{key} is not a setting"):
+            getattr(load_config(None, check_files=False).model, key)
+
+
+def test_every_section_writes_every_key():
+    from dataclasses import fields
+
+    from tokenizer.model import VQVAEConfig
+    from var_mclr.config import VAR_DERIVED, Config
+    from var_mclr.model import VARConfig
+    tree = Config().to_dict()
+    assert set(tree["tokenizer"]) == {f.name for f in fields(VQVAEConfig)} | {"checkpoint"}
+    assert set(tree["model"]) == {f.name for f in fields(VARConfig)} - set(VAR_DERIVED) | {"init", "drop_path_rate"}
+    assert tree["data"]["crop"] == "center" and tree["train"]["keep"] == "last" and "gft" in tree["loss"]

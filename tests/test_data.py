@@ -181,3 +181,11 @@ def test_build_dataset_synthetic_and_mnist():
     assert len(ds) == 15 and ds.num_classes == 5 and ds[0][0].shape == (3, 8, 8)
     ds = build_dataset({"name": "mnist", "resolution": 32, "num_classes": 10}, "val")
     assert len(ds) == 500 and ds[0][0].shape == (3, 32, 32)
+
+
+def test_a_key_left_out_takes_the_config_default():
+    from var_mclr.config import DataConfig
+    side = DataConfig().resolution
+    assert build_dataset({"name": "mnist"}, "val").tensors[0].shape[-1] == side  # not MNIST's padded 32
+    synthetic = build_dataset({"name": "synthetic"}, "val")
+    assert synthetic.tensors[0].shape[-1] == side and synthetic.num_classes == DataConfig().num_classes

@@ -114,10 +114,12 @@ def test_settings_have_value_rules_naming_the_key():
     assert cfg.loss.ddo.alpha == 0 and cfg.loss.ddo.beta == 0.02
 
 
-def test_the_ddo_section_at_its_defaults_leaves_earlier_stage_names_alone():
-    # experiments/pipeline.py names stage directories by a hash of to_dict(): a new section at its defaults is left out.
-    assert "ddo" not in _ddo_cfg().to_dict()["loss"]
-    assert _ddo_cfg(alpha=2.0).to_dict()["loss"]["ddo"]["alpha"] == 2.0
+def test_the_ddo_section_is_written_and_names_a_new_stage_once_changed():
+    # experiments/stage_names.py leaves the section out of a stage's name at its defaults (tests/test_stage_names.py).
+    from experiments.stage_names import stage_hash
+    at_default = _ddo_cfg()
+    assert at_default.to_dict()["loss"]["ddo"]["alpha"] == at_default.loss.ddo.alpha
+    assert stage_hash(_ddo_cfg(alpha=2.0)) != stage_hash(at_default)
 
 
 def test_gradient_reaches_the_trained_model_only(vae):

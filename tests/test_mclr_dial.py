@@ -120,9 +120,13 @@ def test_config_rules_name_the_key(tmp_path, text, message):
         load_config(write(tmp_path, text), check_files=False)
 
 
-def test_dial_keys_are_left_out_of_the_config_while_off(tmp_path):
-    cfg = load_config(write(tmp_path, "train: {objective: mclr}\n"), check_files=False)
-    assert "lam_range" not in cfg.to_dict()["loss"]["mclr"] and "gft" not in cfg.to_dict()["loss"]
-    cfg = load_config(write(tmp_path, "train: {objective: mclr}\nmodel: {strength_cond: true}\n"
-                                      "loss: {mclr: {lam_range: [0.0, 4.0], lam_draw: uniform}}\n"), check_files=False)
-    assert cfg.to_dict()["loss"]["mclr"]["lam_range"] == [0.0, 4.0]
+def test_dial_keys_are_written_and_leave_stage_names_alone_while_off(tmp_path):
+    from experiments.stage_names import stage_hash
+    off = load_config(write(tmp_path, "train: {objective: mclr}\n"), check_files=False)
+    assert off.to_dict()["loss"]["mclr"]["lam_range"] is None and "gft" in off.to_dict()["loss"]
+    on = load_config(write(tmp_path, "train: {objective: mclr}\nmodel: {strength_cond: true}\n"
+                                     "loss: {mclr: {lam_range: [0.0, 4.0], lam_draw: uniform}}\n"), check_files=False)
+    assert on.to_dict()["loss"]["mclr"]["lam_range"] == [0.0, 4.0]
+    at_default = load_config(write(tmp_path, "train: {objective: mclr}\nloss: {mclr: {lam_draw: log}}\n"),
+                             check_files=False)
+    assert stage_hash(off) == stage_hash(at_default) != stage_hash(on)

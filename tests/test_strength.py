@@ -88,13 +88,13 @@ def test_our_checkpoints_carry_the_module_and_plain_ones_stay_as_they_were(tmp_p
     assert "strength_cond" not in json.loads((tmp_path / "p.json").read_text())["config"]
 
 
-def test_config_key_adds_the_module_to_an_official_init_and_is_omitted_at_its_default(tmp_path):
+def test_config_key_adds_the_module_to_an_official_init(tmp_path):
     vae, var, _, var_path = tiny_official(tmp_path)
     cfg = Config()
     cfg.data.num_classes, cfg.model.init = 5, str(var_path)
     for k in ("depth", "embed_dim", "num_heads"):
         setattr(cfg.model, k, getattr(var.cfg, k))
-    assert "strength_cond" not in cfg.to_dict()["model"]  # stage hashes of every existing config are unchanged
+    assert cfg.to_dict()["model"]["strength_cond"] is False  # stage names stay: tests/test_stage_names.py
     cfg.model.strength_cond = True
     built = build_var(cfg, vae).eval()
     assert built.cfg.strength_cond and cfg.to_dict()["model"]["strength_cond"] is True

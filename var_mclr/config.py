@@ -4,14 +4,14 @@ A config file may name a parent with ``base: other.yaml`` (relative to itself); 
 the parent's. ``--set train.lr=1e-5`` overrides one key (the value is parsed as YAML). Unknown keys, wrong
 types and missing files are reported together, by dotted name.
 
-Each architecture is declared once: the ``tokenizer`` section is generated from tokenizer.model.VQVAEConfig and the
-``model`` section from var_mclr.model.VARConfig (minus what the tokenizer and the data decide: vocabulary, latent
-width, patch schedule, class count), each plus the path of the checkpoint to load.
+Each architecture is declared once: the ``tokenizer`` section is tokenizer.model.VQVAEConfig plus the checkpoint to
+load (TokenizerConfig), the ``model`` section var_mclr.model.VARConfig less what the tokenizer and the data decide
+(vocabulary, latent width, patch schedule, class count) plus the weights to start from and the drop-path rate
+(ModelConfig). Every section writes every key (Config.to_dict).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 import types
@@ -36,11 +36,6 @@ class ConfigError(UserError, ValueError):
     pass
 
 
-# A key added after stage directories were first named by a hash of to_dict() (experiments/pipeline.py config_hash)
-# is left out of to_dict while at its default: every earlier run keeps its name and its saved config still matches.
-OMITTED_AT_DEFAULT = {"omitted_at_default": True}
-
-
 @dataclass
 class RunConfig:
     out_dir: str = "runs/default"
@@ -50,15 +45,19 @@ class RunConfig:
     keep_ckpts: int = 2
     # Held-out tracking (var_mclr/heldout.py): every eval_every steps, the nll per token and the log-ratio per token
     # of up to eval_images held-out images, and of as many training images, go to metrics.jsonl; 0 = off.
-    eval_every: int = field(default=0, metadata=OMITTED_AT_DEFAULT)
-    eval_images: int = field(default=512, metadata=OMITTED_AT_DEFAULT)
+    eval_every: int = 0
+    eval_images: int = 512
     # Experiment tracker, through accelerate's log_with: tensorboard (run.out_dir/tb), wandb (needs wandb installed
     # and logged in), or none; metrics.jsonl is written either way.
-    log_with: str = field(default="tensorboard", metadata=OMITTED_AT_DEFAULT)
+    log_with: str = "tensorboard"
+
+
+CROPS = ("imagenet", "center", "none")  # data.crop
 
 
 @dataclass
 class DataConfig:
+    """data: which images, and how they are read. var_mclr/data.py takes every default from here."""
     name: str = "synthetic"  # imagefolder | mnist | synthetic
     root: str | None = None  # imagefolder: the directory holding train/ and val/, one sub-directory per class
     resolution: int = 16
@@ -69,40 +68,52 @@ class DataConfig:
     # imagefolder: open every file once before training so unreadable ones are never drawn (the index is cached
     # under the run's parent directory); false skips that scan (ImageNet) and a file that fails to decode is replaced
     # by the next readable one of its class when read.
-    verify: bool = field(default=True, metadata=OMITTED_AT_DEFAULT)
-    # imagefolder: resize/crop policy (var_mclr/data.py, CROPS): imagenet (VAR's 1.125x resize + random crop), center
-    # (shorter side to the resolution + centre crop) or none (whole image resized to a square).
-    crop: str = field(default="center", metadata=OMITTED_AT_DEFAULT)
+    verify: bool = True
+    # imagefolder: resize/crop policy (CROPS, applied by var_mclr/data.py var_transform): imagenet (VAR's 1.125x
+    # resize + random crop), center (shorter side to the resolution + centre crop) or none (whole image resized to a
+    # square).
+    crop: str = "center"
     # imagefolder without val/: the last share of every class of train/ is held out as the val split (never trained
     # on, by the tokenizer or VAR); 0 = no held-out split. Ignored when val/ exists.
-    heldout_share: float = field(default=0.0, metadata=OMITTED_AT_DEFAULT)
-
-
-def _section_from(arch_cls, name: str, extra: list[tuple[str, object, object]], exclude: tuple[str, ...] = ()):
-    """A config section holding every field of arch_cls (same names, types and defaults) except `exclude`,
-    plus `extra` (name, type, default) fields first."""
-    hints = typing.get_type_hints(arch_cls)
-    fields_ = [(n, tp, field(default=default)) for n, tp, default in extra]
-    for f in dataclasses.fields(arch_cls):
-        if f.name in exclude:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        fields_.append((f.name, hints[f.name], field(default=default, metadata=f.metadata)))  # OMITTED_AT_DEFAULT
-    section = dataclasses.make_dataclass(name, fields_)
-    section.__module__ = __name__
-    return section
+    heldout_share: float = 0.0
 
 
 # Architecture keys of VARConfig that the run derives instead of declaring: vocabulary, latent width and patch
 # schedule come from the tokenizer, the class count from data.num_classes.
 VAR_DERIVED = ("vocab_size", "Cvae", "num_classes", "patch_nums")
 
-# tokenizer.checkpoint: official vae_*.pth or our .safetensors; None only for tokenizer training.
-TokenizerConfig = _section_from(VQVAEConfig, "TokenizerConfig", [("checkpoint", str | None, None)])
-# model.init: official var_d*.pth or our .safetensors; None = train from scratch. model.drop_path_rate: stochastic
-# depth of the last block while training (official VAR: 0.1 * depth / 24; 0 = off), not part of the architecture.
-ModelConfig = _section_from(VARConfig, "ModelConfig", [("init", str | None, None), ("drop_path_rate", float, 0.0)],
-                            exclude=VAR_DERIVED)
+
+class _Derived:
+    """A VARConfig key the run derives (var_config): ModelConfig declares it a class variable, which takes it out of
+    the section's fields, and reading it says so instead of giving VARConfig's default."""
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        raise AttributeError(f"model.{self.name} is not a setting: the run derives it from the tokenizer and "
+                             "data.num_classes (config.var_config)")
+
+
+@dataclass
+class TokenizerConfig(VQVAEConfig):
+    """tokenizer: the VQ-VAE architecture (tokenizer/model.py, VQVAEConfig: every key and its default) and its
+    weights."""
+    checkpoint: str | None = None  # official vae_*.pth or our .safetensors; None only for tokenizer training
+
+
+@dataclass
+class ModelConfig(VARConfig):
+    """model: the VAR architecture (var_mclr/model.py, VARConfig: every key and its default) less VAR_DERIVED, which
+    a config may not set, plus two run-level keys."""
+    init: str | None = None  # official var_d*.pth or our .safetensors; None = train from scratch
+    # Stochastic depth of the last block while training (official VAR: 0.1 * depth / 24; 0 = off), not part of the
+    # architecture.
+    drop_path_rate: float = 0.0
+    vocab_size: typing.ClassVar = _Derived()
+    Cvae: typing.ClassVar = _Derived()
+    num_classes: typing.ClassVar = _Derived()
+    patch_nums: typing.ClassVar = _Derived()
 
 
 def vqvae_config(section) -> VQVAEConfig:
@@ -123,23 +134,23 @@ class TrainConfig:
     steps: int = 1000
     # Length in passes over the training split instead of steps: steps = ceil(epochs x images / global batch),
     # resolved when the run starts and logged (docs/method.md, "Training length"). null = use steps.
-    epochs: float | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
+    epochs: float | None = None
     # Which weights the run returns: last, or best_heldout (the lowest held-out nll of the run.eval_every
     # evaluations; needs run.eval_every > 0 and held-out data): early stopping for a base that would memorise.
-    keep: str = field(default="last", metadata=OMITTED_AT_DEFAULT)
+    keep: str = "last"
     batch_size: int = 64  # per process, per micro-batch
     grad_accum: int = 1
     # The recipe's batch: images per optimizer step over all processes (CCA: 256). When set, batch_size and
     # grad_accum are derived from it, train.micro_batch and the process count when the run starts (and logged); a
     # global batch the processes cannot make exactly is refused. null = the per-process form above (global batch =
     # batch_size x processes x grad_accum), kept for the single-process demo configs.
-    global_batch: int | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
+    global_batch: int | None = None
     # With global_batch: images per process per forward; auto = the largest the memory plan fits on this GPU
     # (var_mclr/plan.py); null = global_batch / processes (no accumulation).
-    micro_batch: int | str | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
+    micro_batch: int | str | None = None
     # Keep only each block's input and recompute its activations in the backward (VAR.activation_checkpointing):
     # ~13x less activation memory for one more forward of the blocks (bench/bench_checkpointing.py).
-    activation_checkpointing: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
+    activation_checkpointing: bool = False
     lr: float = 1e-4
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -159,7 +170,7 @@ class TrainConfig:
     flush_denormal: bool = False
     # torch.compile the transformer blocks (VAR.compile_blocks); checkpoints are unchanged. README "Performance"
     # gives the measured CPU speed-up and the compile time.
-    compile: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
+    compile: bool = False
 
 
 @dataclass
@@ -175,27 +186,14 @@ class TokenizerTrainConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # type: ignore[valid-type]
-    model: ModelConfig = field(default_factory=ModelConfig)  # type: ignore[valid-type]
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
     def to_dict(self) -> dict:
-        return _plain(_asdict(self))
-
-
-def _asdict(section) -> dict:
-    """dataclasses.asdict, less the OMITTED_AT_DEFAULT keys that hold their default (a whole section too: a loss
-    section added later, var_mclr/objectives/__init__.py ADDED_LATER)."""
-    out = {}
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if f.metadata.get("omitted_at_default") and value == (
-                f.default_factory() if f.default is dataclasses.MISSING else f.default):
-            continue
-        out[f.name] = _asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
-    return out
+        return _plain(dataclasses.asdict(self))
 
 
 def _plain(tree):
@@ -210,7 +208,7 @@ def _plain(tree):
 CHOICES = {
     "data.name": ("imagefolder", "mnist", "synthetic"),
     "run.log_with": ("tensorboard", "wandb", "none"),
-    "data.crop": ("imagenet", "center", "none"),
+    "data.crop": CROPS,
     "train.objective": tuple(OBJECTIVES),
     "train.keep": ("last", "best_heldout"),
     "train.lr_schedule": ("cosine", "linear", "constant", "lin0"),
@@ -264,6 +262,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(_read_yaml(path.parent / base, seen + (path,)), raw)
 
 
+def with_defaults(recorded: dict) -> dict:
+    """A config tree a run recorded, completed with the defaults of the keys it lacks (earlier versions left some out
+    while at their defaults), so it compares with to_dict() key by key."""
+    return _merge(Config().to_dict(), recorded)
+
+
 def _merge(parent: dict, child: dict) -> dict:
     out = dict(parent)
     for k, v in child.items():
@@ -312,12 +316,21 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def _admits_str(tp) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
 def _build(cls, tree: dict, prefix: str, errors: list[str]):
     hints = typing.get_type_hints(cls)
+    keys = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if key not in hints:
+        if isinstance(vars(cls).get(key), _Derived):
+            errors.append(f"{name} is not a setting: the run derives it from the tokenizer and data.num_classes; "
+                          "remove it")
+            continue
+        if key not in keys:
             errors.append(f"unknown key {name}")
             continue
         tp = hints[key]
@@ -326,8 +339,12 @@ def _build(cls, tree: dict, prefix: str, errors: list[str]):
                 errors.append(f"{name} must be a section (mapping), got {value!r}")
                 continue
             kwargs[key] = _build(tp, value, f"{name}.", errors)
-        elif isinstance(value, bool) and tp is str:
-            kwargs[key] = "yes" if value else "no"  # YAML 1.1 reads no/off as false (train.mixed_precision=no)
+        elif isinstance(value, bool) and _admits_str(tp):
+            if "no" in CHOICES.get(name, ()):  # YAML 1.1 reads no/off as false: train.mixed_precision=no
+                kwargs[key] = "yes" if value else "no"
+            else:
+                errors.append(f"{name} = {value!r}: YAML reads an unquoted yes/no/on/off as a boolean; quote the "
+                              f"word (e.g. {key}: \"off\", or --set '{name}=\"off\"')")
         elif isinstance(value, str) and _type_ok(1.0, tp) and _is_number(value):
             kwargs[key] = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         elif not _type_ok(value, tp):

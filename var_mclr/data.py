@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms
 
+from var_mclr.config import CROPS, DataConfig
 from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
 
@@ -50,10 +51,8 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 # ----------------------------------------------------------------------------------------------------------------
 
 
-CROPS = ("imagenet", "center", "none")  # data.crop
-
-
-def var_transform(resolution: int, train: bool, hflip: bool = False, crop: str = "center") -> transforms.Compose:
+def var_transform(resolution: int, train: bool, hflip: bool = DataConfig.hflip,
+                  crop: str = DataConfig.crop) -> transforms.Compose:
     """Resize and crop to res x res by the `crop` policy (CROPS), optional flip for train, then map to [-1, 1].
 
     imagenet is VAR's pre-processing: LANCZOS resize of the shorter side to round(1.125 * res), random crop for train
@@ -196,9 +195,9 @@ class ImageFolderDataset(Dataset):
       and the label read for its index (training reads labels from ``samples``) stays true.
     """
 
-    def __init__(self, root: str, resolution: int, train: bool, hflip: bool = False,
-                 num_classes: int | None = None, verify: bool = True, crop: str = "center",
-                 part: str = "all", held_share: float = 0.0, index_cache: str | None = None):
+    def __init__(self, root: str, resolution: int, train: bool, hflip: bool = DataConfig.hflip,
+                 num_classes: int | None = None, verify: bool = DataConfig.verify, crop: str = DataConfig.crop,
+                 part: str = "all", held_share: float = DataConfig.heldout_share, index_cache: str | None = None):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root!r} does not exist or is not a directory")
         self.root = root
@@ -264,6 +263,7 @@ class ImageFolderDataset(Dataset):
 MNIST_NUM_CLASSES = 10
 MNIST_HELDOUT_PER_CLASS = 50  # 500 held-out, 4,500 train (the file has exactly 500 digits per class)
 MNIST_SPLIT_SEED = 0  # fixed forever: the held-out set must not move between runs or machines
+MNIST_PADDED = 32  # the 28 x 28 digits padded by 2 pixels of background per side: every pixel exact
 
 
 @functools.lru_cache(maxsize=1)
@@ -297,7 +297,7 @@ def mnist_split_indices(labels_N: np.ndarray, heldout_per_class: int = MNIST_HEL
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(heldout))
 
 
-def mnist_dataset(split: str, resolution: int = 32) -> TensorDataset:
+def mnist_dataset(split: str, resolution: int = MNIST_PADDED) -> TensorDataset:
     """Embedded MNIST as a TensorDataset of (images_N3HW float32 in [-1, 1], labels_N long).
 
     28 x 28 digits are zero-padded (background) by 2 pixels per side to 32 x 32: padding keeps every pixel exact,
@@ -312,7 +312,7 @@ def mnist_dataset(split: str, resolution: int = 32) -> TensorDataset:
     idx = train_idx if split == "train" else heldout_idx
     x_N1HW = torch.from_numpy(images[idx]).float().div_(127.5).sub_(1.0).unsqueeze(1)
     x_N1HW = F.pad(x_N1HW, (2, 2, 2, 2), value=-1.0)
-    if resolution != 32:
+    if resolution != MNIST_PADDED:
         x_N1HW = F.interpolate(x_N1HW, size=(resolution, resolution), mode="bilinear", align_corners=False,
                                antialias=True).clamp_(-1.0, 1.0)
     ds = TensorDataset(x_N1HW.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(labels[idx]).long())
@@ -334,8 +334,8 @@ def _hue_to_rgb(h: float) -> torch.Tensor:
     return 1.0 - torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 
-def synthetic_dataset(split: str, num_classes: int = 4, resolution: int = 16, samples_per_class: int = 64,
-                      seed: int = 0) -> TensorDataset:
+def synthetic_dataset(split: str, num_classes: int = DataConfig.num_classes, resolution: int = DataConfig.resolution,
+                      samples_per_class: int = 64, seed: int = 0) -> TensorDataset:
     """Class c = shape _SHAPES[c % 4] in a hue that is evenly spaced over classes, on a dark noisy background.
 
     Per sample: random centre (within +-1/8 of the side), size (+-15 %) and background noise; so classes are
@@ -389,14 +389,19 @@ _KEYS = {
 }
 
 
+def _setting(section: dict, key: str):
+    """A data key as given, else its default: a section saved by an earlier version may lack a key added since."""
+    return section.get(key, getattr(DataConfig, key))
+
+
 def dataset_args(section: dict) -> dict:
     """build_dataset's arguments for a config's data section (Config.data as a dict, or as saved in config.yaml and
     model.json): what decides the images, without the loader settings."""
     args = {"name": section["name"], "resolution": section["resolution"], "num_classes": section["num_classes"]}
     if section["name"] == "imagefolder":
-        args["root"], args["crop"] = section["root"], section.get("crop", "center")
-        args["heldout_share"] = section.get("heldout_share", 0.0)
-        if not section.get("verify", True):  # only when off: the args of every earlier run stay as they were
+        args["root"], args["crop"] = section["root"], _setting(section, "crop")
+        args["heldout_share"] = _setting(section, "heldout_share")
+        if not _setting(section, "verify"):  # only when off: the args of every earlier run stay as they were
             args["verify"] = False
     return args
 
@@ -418,18 +423,19 @@ def check_split_classes(root: str) -> None:
 def build_dataset(cfg_data: dict, split: str, deterministic: bool = False, index_cache: str | None = None) -> Dataset:
     """Build a dataset from the config's ``data`` section. Every dataset has ``num_classes`` and ``classes``.
 
-    Keys by name (unknown keys are an error, so typos do not silently fall back to defaults):
-      imagefolder: root (dir holding train/ and val/, each <class>/<images>), resolution (default 256),
-                   num_classes (checked against the directory count when given), hflip (train only, default False),
-                   verify (open every file up front, default True), crop (CROPS, default center),
+    Keys by name (unknown keys are an error, so typos do not silently fall back to defaults); a key left out takes
+    the data section's default (config.DataConfig):
+      imagefolder: root (dir holding train/ and val/, each <class>/<images>), resolution,
+                   num_classes (checked against the directory count when given), hflip (train only),
+                   verify (open every file up front), crop (CROPS),
                    heldout_share (root without val/: the last share of every class of train/ is the "val" split and
-                   is left out of "train"; default 0, no held-out split)
+                   is left out of "train"; 0 = no held-out split)
       index_cache: a directory keeping image folders' file lists (scan_folder), so a folder is listed and verified
                    once, not by every process of every run.
       deterministic: every read of an image gives the same view (for a token cache, or a reference set): a random
                    crop is replaced by the centre crop and flips are left out, with a log line saying so.
-      mnist:       resolution (default 32), num_classes (must be 10 when given)
-      synthetic:   resolution (default 16), num_classes (default 4), samples_per_class (default 64), seed (0)
+      mnist:       resolution, num_classes (must be 10 when given)
+      synthetic:   resolution, num_classes, samples_per_class and seed (synthetic_dataset's)
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -443,33 +449,33 @@ def build_dataset(cfg_data: dict, split: str, deterministic: bool = False, index
     if name == "imagefolder":
         if not cfg_data.get("root"):
             raise DataError("dataset 'imagefolder' needs data.root (the directory holding train/ and val/)")
-        crop, hflip, train = cfg_data.get("crop", "center"), bool(cfg_data.get("hflip", False)), split == "train"
+        crop, hflip, train = _setting(cfg_data, "crop"), bool(_setting(cfg_data, "hflip")), split == "train"
         if deterministic and train and (crop == "imagenet" or hflip):
             log.info("image folder %s: reading the deterministic view (%s) so that no random %s is frozen",
                      cfg_data["root"], "centre crop" if crop == "imagenet" else "no flip",
                      " or ".join(w for w, on in (("crop", crop == "imagenet"), ("flip", hflip)) if on))
             train, hflip = False, False  # the eval transform: centre crop, no flip
         check_split_classes(cfg_data["root"])
-        directory, part, share = os.path.join(cfg_data["root"], split), "all", float(cfg_data.get("heldout_share", 0))
+        share = float(_setting(cfg_data, "heldout_share"))
+        directory, part = os.path.join(cfg_data["root"], split), "all"
         if not os.path.isdir(os.path.join(cfg_data["root"], "val")) and share > 0:
             directory, part = os.path.join(cfg_data["root"], "train"), "rest" if split == "train" else "held"
         elif split == "val" and not os.path.isdir(directory):
             raise DataError(f"image folder {cfg_data['root']!r} has no val/ split; set data.heldout_share (e.g. 0.1) "
                             "to hold out the last share of every training class")
-        return ImageFolderDataset(directory, resolution=int(cfg_data.get("resolution", 256)),
+        return ImageFolderDataset(directory, resolution=int(_setting(cfg_data, "resolution")),
                                   train=train, hflip=hflip, num_classes=cfg_data.get("num_classes"),
-                                  verify=bool(cfg_data.get("verify", True)), crop=crop, part=part, held_share=share,
+                                  verify=bool(_setting(cfg_data, "verify")), crop=crop, part=part, held_share=share,
                                   index_cache=index_cache)
     if name == "mnist":
         nc = cfg_data.get("num_classes", MNIST_NUM_CLASSES)
         if nc != MNIST_NUM_CLASSES:
             raise DataError(f"the embedded MNIST dataset has {MNIST_NUM_CLASSES} classes but the config says "
                              f"num_classes={nc}")
-        return mnist_dataset(split, resolution=int(cfg_data.get("resolution", 32)))
-    return synthetic_dataset(split, num_classes=int(cfg_data.get("num_classes", 4)),
-                             resolution=int(cfg_data.get("resolution", 16)),
-                             samples_per_class=int(cfg_data.get("samples_per_class", 64)),
-                             seed=int(cfg_data.get("seed", 0)))
+        return mnist_dataset(split, resolution=int(_setting(cfg_data, "resolution")))
+    own = {k: int(cfg_data[k]) for k in ("samples_per_class", "seed") if k in cfg_data}  # not config keys
+    return synthetic_dataset(split, num_classes=int(_setting(cfg_data, "num_classes")),
+                             resolution=int(_setting(cfg_data, "resolution")), **own)
 
 
 def spread_indices(n: int, k: int) -> list[int]:

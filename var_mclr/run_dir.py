@@ -32,7 +32,7 @@ import yaml
 
 from tokenizer.model import VQVAEConfig
 from var_mclr.checkpoints import CheckpointError, read_model_info
-from var_mclr.config import VAR_DERIVED, Config
+from var_mclr.config import VAR_DERIVED, Config, with_defaults
 from var_mclr.errors import UserError
 from var_mclr.files import tensors_sha256
 from var_mclr.model import VARConfig
@@ -146,6 +146,7 @@ def claim_run_dir(out_dir: Path, cfg: Config, fresh: bool) -> None:
                           "to replace it, rerun with --fresh")
     new = cfg.to_dict()
     for source, old in _recorded_configs(out_dir):
+        old = with_defaults(old)
         changed = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in identity_keys()
                    if _identity(old, k) != _identity(new, k)]
         if changed:
@@ -212,7 +213,7 @@ def check_resume(ckpt: Path, state: dict, cfg: Config, inputs: dict[str, str], s
 
 def record_changes(old: dict, new: dict, step: int, history: list) -> list:
     """Warn about the settings a resume changes, and return the run's history of such changes with this one."""
-    changed = {k: [a, b] for k, a, b in _differences(old, new)}
+    changed = {k: [a, b] for k, a, b in _differences(with_defaults(old), new)}
     if not changed:
         return history
     log.warning("resuming at step %d with a config that differs from the checkpoint's: %s", step,

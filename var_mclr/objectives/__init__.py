@@ -37,15 +37,9 @@ REGISTERED = (
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     import_module(f"{__name__}.{module}").OBJECTIVE for module in REGISTERED)}
 
-# Objectives registered after the demo's stage directories were first named by a hash of the config
-# (experiments/pipeline.py): their loss section is left out of to_dict while at its defaults
-# (config.OMITTED_AT_DEFAULT), so every earlier stage keeps its name.
-ADDED_LATER = ("ddo", "gft")
-
 # The config's `loss` section: one sub-section loss.<name> per objective with settings, typed by its dataclass.
 LossConfig = dataclasses.make_dataclass(
-    "LossConfig", [(o.name, o.settings, dataclasses.field(
-        default_factory=o.settings, metadata={"omitted_at_default": True} if o.name in ADDED_LATER else {}))
+    "LossConfig", [(o.name, o.settings, dataclasses.field(default_factory=o.settings))
                    for o in OBJECTIVES.values() if o.settings is not None])
 LossConfig.__module__ = __name__
 LossConfig.__doc__ = "loss.<name>: the settings of objective <name> (var_mclr/objectives/<name>.py)."

@@ -3,7 +3,7 @@ Its cap `tau: auto` is measured from the starting model by var_mclr/calibration.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,13 +23,13 @@ class MCLRConfig:
     # Per-token cap on the log-ratio (docs/method.md, "The cap"): a number; null = uncapped (collapses); "auto" =
     # tau_multiple x the starting model's mean per-token log-ratio on training pairs (var_mclr/calibration.py).
     tau: float | str | None = AUTO
-    tau_multiple: float = field(default=2.0, metadata={"omitted_at_default": True})  # config.OMITTED_AT_DEFAULT
+    tau_multiple: float = 2.0
     negatives: str = "uniform"  # likelihood.NEGATIVE_MODES: uniform | roll | null | mixed | all
     smooth_cap: bool = False
     # The strength dial (var_mclr/objectives/dial.py): [lo, hi] draws each image's lambda from that range (lam_draw:
     # log-uniform or uniform) and gives it to the model (model.strength_cond), in place of lam. null: off.
-    lam_range: list[float] | None = field(default=None, metadata={"omitted_at_default": True})
-    lam_draw: str = field(default="log", metadata={"omitted_at_default": True})
+    lam_range: list[float] | None = None
+    lam_draw: str = "log"
 
 
 def check(m: MCLRConfig, cfg, selected: bool) -> list[str]:
