@@ -117,6 +117,23 @@ def test_fsdp_resumes_model_and_optimizer_exactly(runs):
     assert (run_dir / "model.safetensors").is_file()
 
 
+def test_a_ddp_checkpoint_resumes_under_fsdp(runs):
+    """The checkpoints are one format: FSDP picks up the DDP run at step 2 and redoes steps 3-4 as DDP did."""
+    tmp, out = runs
+    run_dir, cfg, _ = out["ddp"]
+    last = run_dir / "checkpoints" / "step_0000004"
+    ddp = {name: load_file(last / name) for name in ("model.safetensors", "optimizer.safetensors")}
+    for name in ("model.safetensors", "model.json"):
+        (run_dir / name).unlink()
+    shutil.rmtree(last)
+    log = _launch("fsdp", cfg, tmp)
+    assert "world size 2 (DistributedType.FSDP)" in log and "step_0000002 at step 2" in log
+    for name, tensors in ddp.items():
+        again = load_file(last / name)
+        assert set(again) == set(tensors), name
+        assert max(float((tensors[k] - again[k]).abs().max()) for k in tensors) < WEIGHT_ATOL, name
+
+
 def test_an_fsdp_launch_on_cpu_processes_is_refused_not_silently_run_as_ddp(tmp_path):
     """Without tests/accelerate_fsdp_on_cpu.py, accelerate drops the FSDP config on a CPU and would train DDP."""
     cfg = write_cfg(tmp_path, _tree(tmp_path, "refused"), "refused")
