@@ -10,7 +10,9 @@ and remaps the optimizer in `accelerator.prepare(model, optimizer)`. Around that
   `FullOptimizer`, which stand in for the model and optimizer that train_state.py and checkpoints.py read);
 - checks that read sharded parameters (`nonfinite_parameters`) and a gradient norm that is a DTensor (`plain`);
 - no `no_sync` while accumulating: FSDP2 would keep every unsharded gradient until the last micro-batch
-  (`accumulation_sync`).
+  (`accumulation_sync`);
+- forwards outside the training step (held-out tracking, calibration) under autocast, since the gathered weights
+  are bf16 (`evaluation_precision`), and the same number of them on every process (heldout.py's lockstep).
 accelerate runs FSDP only on GPUs: on a CPU it drops the FSDP config and trains with DDP, so a launch with an FSDP
 config that did not give FSDP is refused (`check_sharding`).
 """
