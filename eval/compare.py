@@ -32,6 +32,7 @@ from eval.sampling_run import load_models  # noqa: E402
 from eval.separation import separation  # noqa: E402
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args  # noqa: E402
 from eval.run_data import DataSpecError, recorded_data, split_images  # noqa: E402
+from eval.tables import fmt, markdown_table  # noqa: E402
 from var_mclr.errors import reporting_user_errors  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
@@ -102,24 +103,17 @@ def _load(ckpt: str, common: EvalSettings):
     return load_models(common, ckpt)
 
 
-def fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def write_tables(results: list[dict], out_dir: Path, title: str) -> str:
     header = ["model", "guidance", *COLUMNS]
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    heading = [f"### {title}", ""]
     # A too-weak own-data feature network says so in its description (eval/run_data.py): the table says it first.
     weak = next((r["feature_network"].split("WARNING: ", 1)[1] for r in results
                  if "WARNING: " in r.get("feature_network", "")), None)
     if weak:
-        lines = [f"**WARNING: {weak.rstrip('.')}.**", ""] + lines
-    for r in results:
-        guidance = "none" if r["guidance"] == "none" else f"cfg {r['cfg_scale']:g}"
-        lines.append("| " + " | ".join([r["name"], guidance] + [fmt(r.get(k)) for k in COLUMNS]) + " |")
-    table = "\n".join(lines) + "\n"
+        heading = [f"**WARNING: {weak.rstrip('.')}.**", "", *heading]
+    rows = [[r["name"], "none" if r["guidance"] == "none" else f"cfg {r['cfg_scale']:g}",
+             *(fmt(r.get(k)) for k in COLUMNS)] for r in results]
+    table = "\n".join(heading) + "\n" + markdown_table(header, rows)
     write_text_atomic(out_dir / "table.md", table)
 
     def write_csv(tmp):

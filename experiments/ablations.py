@@ -18,13 +18,9 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-
-from eval.compare import fmt
-from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage
+from eval.tables import fmt, markdown_table
+from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage, write_table
 from experiments.pipeline import MNIST_CONFIGS
-from experiments.tables import markdown_table
 from var_mclr.config import load_config
 from var_mclr.files import write_text_atomic
 
@@ -53,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     root = Path(args.root)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    scoring = Scoring.of_seed(root, args.seed, args.num_samples, accelerator, seed=args.seed)
+    scoring = Scoring.of_seed(root, args.seed, args.num_samples, seed=args.seed)
     out = root / f"ablations-s{args.seed}-n{args.num_samples}"
     steps = load_config(MNIST_CONFIGS / "mclr.yaml", check_files=False).train.steps
     rows = []
@@ -75,9 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         row = cached_row(out / f"{ckpt.parent.name}-cfg{cfg_scale:g}.json", score)
         rows.append([name, *(fmt(row.get(k)) for k in COLUMNS)])
         log.info("%s: %s", name, row)
-    table = markdown_table(["ablation", *COLUMNS], rows)
-    write_text_atomic(out / "ablations.md", table)
-    log.info("ablations:\n%s", table)
+    write_table(out / "ablations.md", markdown_table(["ablation", *COLUMNS], rows))
 
 
 def train_timed(cfg, ckpt: Path, timing: Path) -> None:

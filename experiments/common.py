@@ -1,8 +1,8 @@
 """What the MNIST experiment scripts share (experiments/sweep.py, ablations.py, frontier.py), so that each of them
 only declares what it runs: the demo's base and its tokenizer, fine-tuned stages named as the sweep names them (a
-point one script trained is reused by the others), one scoring setup per base and cached evaluation rows; mean and
-spread over seeds and markdown tables come from experiments/tables.py (the pipeline's too). The stages themselves
-are experiments/pipeline.py's."""
+point one script trained is reused by the others), one scoring setup per base, cached evaluation rows and the
+written table; mean and spread over seeds and markdown tables come from eval/tables.py (the pipeline's and
+eval/compare.py's too). The stages themselves are experiments/pipeline.py's."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,8 @@ from var_mclr.checkpoints import read_model_info
 from var_mclr.config import Config
 from var_mclr.files import write_text_atomic
 from var_mclr.train import train
+
+log = logging.getLogger("experiments")
 
 
 def experiment_parser(doc: str, num_samples: int) -> argparse.ArgumentParser:
@@ -48,6 +50,11 @@ def finetune_stage(method: str, seed: int, root: Path, base: Path, overrides: li
 
 def train_stage(cfg: Config, ckpt: Path) -> Path:
     return run_stage(cfg, ckpt, train)
+
+
+def trained_finetune(method: str, seed: int, root: Path, base: Path, overrides: list[str]) -> Path:
+    """The checkpoint of finetune_stage, trained first where it is missing."""
+    return train_stage(*finetune_stage(method, seed, root, base, overrides))
 
 
 @dataclasses.dataclass
@@ -76,6 +83,12 @@ class Scoring:
         """Sample and score with the common settings changed by `settings`, into out_dir."""
         run = dataclasses.replace(self.common, out_dir=str(out_dir), **settings)
         return evaluate(run, self.net, self.ref, self.accelerator)["metrics"]
+
+
+def write_table(path: Path, table: str) -> None:
+    """A script's result table: written to path and logged."""
+    write_text_atomic(path, table)
+    log.info("%s:\n%s", path.stem, table)
 
 
 def cached_row(path: Path, compute: Callable[[], dict]) -> dict:

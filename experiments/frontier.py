@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage  # noqa: E402
-from experiments.tables import markdown_table, spread  # noqa: E402
+from experiments.common import Scoring, cached_row, experiment_parser, trained_finetune, write_table  # noqa: E402
+from eval.tables import markdown_table, mean_std, summarise  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("experiments.frontier")
@@ -49,8 +49,7 @@ def point_metrics(method: str, value: float, seed: int, root: Path, scoring: Sco
     if method == "cfg":
         out, run = points / f"cfg{value:g}-s{seed}", {"guidance": "cfg", "cfg_scale": value}
     else:
-        cfg, ckpt = finetune_stage(method, seed, root, scoring.base, [f"{KNOBS[method][0]}={value}"])
-        train_stage(cfg, ckpt)
+        ckpt = trained_finetune(method, seed, root, scoring.base, [f"{KNOBS[method][0]}={value}"])
         out, run = points / ckpt.parent.name, {"ckpt": str(ckpt), "guidance": "none", "cfg_scale": 0.0}
 
     def score():
@@ -62,17 +61,8 @@ def point_metrics(method: str, value: float, seed: int, root: Path, scoring: Sco
 
 def summarise_points(points: dict) -> dict:
     """method -> list of {value, metric: {mean, std, values}} in knob order."""
-    out = {}
-    for method, by_value in points.items():
-        out[method] = []
-        for value, rows in by_value.items():
-            entry = {"value": value}
-            for k in METRICS:
-                vals = [r[k] for r in rows if r.get(k) is not None]
-                if vals:
-                    entry[k] = spread(vals)
-            out[method].append(entry)
-    return out
+    return {method: [{"value": value, **summarise(rows, METRICS)} for value, rows in by_value.items()]
+            for method, by_value in points.items()}
 
 
 def _curve(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -141,19 +131,18 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise_points(points)
     out = root / f"frontier-n{args.num_samples}-s{'-'.join(map(str, args.seeds))}"
     table, verdicts = report(summary)
-    write_text_atomic(out / "frontier.md", table)
+    write_table(out / "frontier.md", table)
     write_text_atomic(out / "frontier.json", json.dumps({"summary": summary, "matched_recall": verdicts,
                                                           "seeds": args.seeds}, indent=2))
     plot(summary, out / "frontier.png")
     if args.plot:
         plot(summary, Path(args.plot))
-    log.info("frontier:\n%s", table)
 
 
 def report(summary: dict) -> tuple[str, dict]:
     """The table of every point (mean +- std over seeds) and MCLR's verdict against each other method."""
     rows = [[method, KNOBS[method][0], f"{e['value']:g}",
-             *(f"{e[k]['mean']:.4g} ± {e[k]['std']:.2g}" if k in e else "n/a" for k in METRICS)]
+             *(mean_std(e.get(k)) for k in METRICS)]
             for method, entries in summary.items() for e in entries]
     lines, verdicts = [markdown_table(["method", "knob", "value", *METRICS], rows).rstrip("\n")], {}
     if "mclr" in summary:

@@ -44,7 +44,7 @@ from eval.settings import EvalSettings
 from eval.stage_checks import (base_problem, base_report, checks_block, evaluator_problem, tokenizer_problem,
                                tokenizer_report)
 from experiments.stage_names import stage_hash
-from experiments.tables import markdown_table, spread
+from eval.tables import markdown_table, mean_std, summarise
 from var_mclr.checkpoints import is_complete_result, load_model
 from var_mclr.config import Config, load_config
 from var_mclr.data import check_split_classes, class_dirs
@@ -197,21 +197,11 @@ def folder_overrides(data_root: Path) -> list[str]:
     return [f"data.root={json.dumps(str(data_root.resolve()))}", f"data.num_classes={len(classes)}"]
 
 
-def summarise(per_seed: list[list[dict]], out: Path) -> str:
+def write_summary(per_seed: list[list[dict]], out: Path) -> str:
     """Mean and spread (sample std over seeds) of every column, per row; written to out/summary.{md,json}."""
     out.mkdir(parents=True, exist_ok=True)
-    names = [r["name"] for r in per_seed[0]]
-    rows, summary = [], {}
-    for i, name in enumerate(names):
-        cells, summary[name] = [], {}
-        for k in COLUMNS:
-            vals = [run[i][k] for run in per_seed if run[i].get(k) is not None]
-            if not vals:
-                cells.append("n/a")
-                continue
-            s = summary[name][k] = spread(vals)
-            cells.append(f"{s['mean']:.4g} ± {s['std']:.2g}" if len(vals) > 1 else f"{s['mean']:.4g}")
-        rows.append([name, *cells])
+    summary = {row["name"]: summarise([run[i] for run in per_seed], COLUMNS) for i, row in enumerate(per_seed[0])}
+    rows = [[name, *(mean_std(s.get(k), std_of_one=False) for k in COLUMNS)] for name, s in summary.items()]
     table = markdown_table(["model", *COLUMNS], rows)
     write_text_atomic(out / "summary.md", table)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
@@ -261,7 +251,7 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
         log.info("seed %d: table %s, plot %s, grid %s", seed, out / "table.md", out / "fid_vs_cfg.png",
                  out / "grid.png")
     summary_dir = root / f"summary-{hashlib.sha256(' '.join(outs).encode()).hexdigest()[:8]}"
-    table = summarise(per_seed, summary_dir)
+    table = write_summary(per_seed, summary_dir)
     print(f"\n{title}, seeds {seeds}, {num_samples} samples per row (mean ± std over seeds):\n")
     print(table)
     if strengths == "sweep":

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from eval.compare import fmt
+from eval.tables import fmt
 from eval.sampling_run import load_for_eval
 from eval.separation import separation
-from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage
-from experiments.tables import markdown_table
+from eval.tables import markdown_table
+from experiments.common import Scoring, cached_row, experiment_parser, trained_finetune, write_table
 from var_mclr.data import build_dataset
-from var_mclr.files import write_text_atomic
 
 log = logging.getLogger("experiments.sweep")
 
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for method in args.methods:
         for point in GRID[method]:
-            cfg, path = finetune_stage(method, args.seed, root, scoring.base, point)
-            train_stage(cfg, path)
+            path = trained_finetune(method, args.seed, root, scoring.base, point)
             row_file = out / path.parent.name / "sweep_row.json"  # a point trained and scored by an earlier sweep
 
             def score():
@@ -60,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics = cached_row(row_file, score)
             rows.append([method, " ".join(point), *(fmt(metrics.get(k)) for k in COLUMNS)])
             log.info("%s %s: %s", method, point, {k: metrics.get(k) for k in COLUMNS})
-    table = markdown_table(["method", "settings", *COLUMNS], rows)
-    write_text_atomic(out / "sweep.md", table)
-    log.info("sweep:\n%s", table)
+    write_table(out / "sweep.md", markdown_table(["method", "settings", *COLUMNS], rows))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""experiments/common.py and tables.py, what the experiment scripts share: cached rows, summaries and tables."""
+"""experiments/common.py and eval/tables.py, what the experiment scripts share: cached rows, summaries and tables."""
 from __future__ import annotations
 
 import json
 
+from eval.tables import markdown_table, mean_std, spread, summarise
 from experiments.common import cached_row
 from experiments.frontier import report, summarise_points
-from experiments.tables import markdown_table, spread
+from experiments.pipeline import write_summary
 
 
 def test_a_cached_row_is_computed_once(tmp_path):
@@ -24,6 +25,22 @@ def test_tables_and_spread():
     assert markdown_table(["a", "b"], [["1", "2"], ["3", "4"]]) == "| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |\n"
     assert spread([1.0, 3.0]) == {"mean": 2.0, "std": 2 ** 0.5, "values": [1.0, 3.0]}
     assert spread([2.0])["std"] == 0.0
+
+
+def test_one_summarise_over_seeds_and_its_cells():
+    rows = [{"fid": 2.0, "recall": None}, {"fid": 4.0}, {"fid": 6.0, "recall": 0.5}]
+    summary = summarise(rows, ("fid", "recall", "precision"))
+    assert summary == {"fid": spread([2.0, 4.0, 6.0]), "recall": spread([0.5])}  # a missing value is left out
+    assert mean_std(summary["fid"]) == "4 ± 2" and mean_std(None) == "n/a"
+    assert mean_std(summary["recall"]) == "0.5 ± 0" and mean_std(summary["recall"], std_of_one=False) == "0.5"
+
+
+def test_the_pipeline_summary_gives_one_seed_its_mean_alone(tmp_path):
+    per_seed = [[{"name": "base", "fid": 10.0 + s}, {"name": "mclr", "fid": 3.0, "recall": None}] for s in (0, 2)]
+    table = write_summary(per_seed, tmp_path)
+    assert "| base | 11 ± 1.4 | n/a |" in table and "| mclr | 3 ± 0 | n/a |" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["mclr"] == {"fid": spread([3.0, 3.0])}
+    assert "| base | 10 | n/a |" in write_summary(per_seed[:1], tmp_path)
 
 
 def test_frontier_report_reads_mean_and_spread_over_seeds():
