@@ -4,10 +4,10 @@ import pytest
 import torch
 import yaml
 
-import var_mclr.calibration as calibration
+import var_mclr.objectives.mclr as calibration
 from conftest import tiny_vae, tiny_var
 from test_train import tiny_run_tree
-from var_mclr.calibration import mean_log_ratio_per_token
+from var_mclr.objectives.mclr import mean_log_ratio_per_token
 from var_mclr.checkpoints import save_model
 from var_mclr.config import ConfigError, load_config
 from var_mclr.data import build_dataset

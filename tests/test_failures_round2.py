@@ -292,7 +292,7 @@ def test_a_tokenizer_resume_on_other_images_is_refused_and_other_changes_are_rec
 
 
 def test_a_fixed_cap_below_the_starting_ratios_is_refused(tmp_path, monkeypatch):
-    import var_mclr.calibration as calibration
+    import var_mclr.objectives.mclr as calibration
     from conftest import tiny_var
     from var_mclr.checkpoints import save_model
 

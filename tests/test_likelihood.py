@@ -261,7 +261,8 @@ def test_all_negatives_score_every_mismatched_class_once():
 
 
 def test_mclr_class_dropout_trains_the_null_class_by_nll_alone():
-    from var_mclr.objectives import LossConfig, plan_mclr
+    from var_mclr.objectives import LossConfig
+    from var_mclr.objectives.mclr import plan as plan_mclr
     cfg = LossConfig()
     labels = torch.arange(400) % 10
     plan = plan_mclr(cfg, labels, 10, 0.25, torch.Generator().manual_seed(0))

@@ -23,17 +23,13 @@ from typing import Callable
 import yaml
 
 from tokenizer.model import VQVAEConfig
-from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
+from var_mclr.errors import ConfigError, add_debug_flag, reporting_user_errors  # noqa: F401 (ConfigError: re-exported)
 from var_mclr.files import config_file, write_text_atomic
 from var_mclr.kernels.logprob import IMPLS as LOGPROB_KERNELS
 from var_mclr.hub import is_hub_name
 from var_mclr.model import VARConfig
 from var_mclr.objectives import OBJECTIVES, LossConfig, objective_errors
 from var_mclr.objectives.base import nonnegative, positive, share
-
-
-class ConfigError(UserError, ValueError):
-    pass
 
 
 @dataclass

@@ -19,6 +19,10 @@ class UserError(Exception):
     """An error whose message names the key, flag or file at fault and what is allowed."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config key, or what it names, cannot be used; the message names the key."""
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of its one-line message")

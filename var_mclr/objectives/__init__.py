@@ -19,7 +19,6 @@ from var_mclr.objectives.cc_dpo import DPOConfig  # noqa: F401
 from var_mclr.objectives.cca import CCAConfig  # noqa: F401
 from var_mclr.objectives.extra import with_extra_rows
 from var_mclr.objectives.mclr import MCLRConfig  # noqa: F401
-from var_mclr.objectives.mclr import plan as plan_mclr  # noqa: F401 (var_mclr/calibration.py draws MCLR's pairs)
 from var_mclr.objectives.pairs import plan_pairs  # noqa: F401
 from var_mclr.objectives.passes import score_rows
 from var_mclr.objectives.unlearning import UnlearningConfig  # noqa: F401

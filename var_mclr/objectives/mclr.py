@@ -1,17 +1,21 @@
 """mclr: the capped inter-class likelihood-ratio loss (docs/method.md, "MCLR objective", "The cap", "Negatives").
-Its cap `tau: auto` is measured from the starting model by var_mclr/calibration.py before the first step."""
+Its cap `tau: auto` is measured from the starting model before the first step (prepare, below)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from var_mclr import losses
-from var_mclr.likelihood import NEGATIVE_MODES, sample_negatives
+from var_mclr.errors import ConfigError
+from var_mclr.likelihood import NEGATIVE_MODES, loglik_under_classes, sample_negatives
 from var_mclr.objectives import dial
 from var_mclr.objectives.base import ClassPlan, Objective, no_flags, nonnegative, out_of_range
 from var_mclr.objectives.passes import score_rows
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"  # loss.mclr.tau: tau_multiple x the starting model's mean per-token log-ratio
 
@@ -21,7 +25,7 @@ class MCLRConfig:
     lam: float = 1.0
     K: int = 1
     # Per-token cap on the log-ratio (docs/method.md, "The cap"): a number; null = uncapped (collapses); "auto" =
-    # tau_multiple x the starting model's mean per-token log-ratio on training pairs (var_mclr/calibration.py).
+    # tau_multiple x the starting model's mean per-token log-ratio on training pairs (prepare, below).
     tau: float | str | None = AUTO
     tau_multiple: float = 2.0
     negatives: str = "uniform"  # likelihood.NEGATIVE_MODES: uniform | roll | null | mixed | all
@@ -71,7 +75,7 @@ def loss(cfg, l_BK: torch.Tensor, lref_BK: torch.Tensor | None, mask_BK: torch.T
     """MCLR at loss.mclr.lam, or at one lambda per image (the dial)."""
     m = cfg.mclr
     if isinstance(m.tau, str):
-        raise ValueError(f"loss.mclr.tau = {m.tau!r} must be resolved to a number first (var_mclr.calibration)")
+        raise ValueError(f"loss.mclr.tau = {m.tau!r} must be resolved to a number first (prepare)")
     return losses.mclr_loss(l_BK[:, 0], l_BK[:, 1:], L, lam=m.lam if lam is None else lam, tau=m.tau,
                             smooth_cap=m.smooth_cap, exclude_BK=mask_BK[:, 1:])
 
@@ -91,18 +95,91 @@ def score(cfg, var, ref, plan: ClassPlan, idx_BL: torch.Tensor, x_BLCv: torch.Te
 def prepare(cfg, model, tokens, num_classes: int, seed: int, saved: dict | None):
     """tau: auto measured on the starting model (a resumed run keeps the value its start measured); a fixed cap that
     would cap nearly every pair from step 0 is refused (docs/method.md, "The cap")."""
-    from var_mclr import calibration  # here, not at the top: calibration draws its pairs with this file's planner
-
     m = cfg.mclr
     if saved is not None:
         tau = saved.get("mclr", {}).get("tau", AUTO) if m.tau == AUTO else m.tau
     elif m.tau == AUTO:
-        tau = calibration.resolve_auto_tau(model, tokens, cfg, num_classes, seed)
+        tau = resolve_auto_tau(model, tokens, cfg, num_classes, seed)
     else:
         if m.tau is not None:
-            calibration.check_fixed_tau(model, tokens, cfg, num_classes, seed)
+            check_fixed_tau(model, tokens, cfg, num_classes, seed)
         return cfg
     return dataclasses.replace(cfg, mclr=dataclasses.replace(m, tau=tau))
+
+
+# ----------------------------------------------------------------------------------------------------- the cap
+# A cap below the starting model's typical per-token log-ratio on the training pairs caps every pair, and MCLR becomes
+# nll fine-tuning; a fixed number cannot be right for every dataset and model. tau: auto measures the mean per-token
+# log-ratio of the starting model on training pairs drawn as MCLR draws them, and sets tau = tau_multiple x that mean
+# (docs/method.md, "The cap").
+# Below this the starting model barely tells classes apart (e.g. a fresh initialisation): no cap is informative.
+MIN_MEAN_LOG_RATIO = 1e-3
+
+
+# A fixed cap at or below the starting ratio of this share of the training pairs is refused: such a run is the nll
+# control under MCLR's name (docs/method.md, "The cap").
+MAX_CAPPED_SHARE = 0.9
+
+
+@torch.no_grad()
+def log_ratios_per_token(var, tokens, loss_cfg, num_classes: int, seed: int,
+                         num_images: int = 512, batch_size: int = 64) -> list[torch.Tensor]:
+    """(l(x, c) - l(x, c')) / L of up to num_images training images and their MCLR negatives (roll collisions
+    excluded), one tensor per batch, with the model in evaluation mode."""
+    was_training = var.training
+    var.eval()
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(tokens), generator=gen)[:num_images]
+    ratios = []
+    for indices in chosen.split(batch_size):
+        pairs = plan(loss_cfg, tokens.labels_N[indices], num_classes, 0.0, gen)
+        idx_BL, x_BLCv = tokens.batch(indices)
+        l_BK = loglik_under_classes(var, pairs.classes_BK.to(idx_BL.device), x_BLCv, idx_BL).float()
+        keep_BK = ~pairs.mask_BK[:, 1:].to(l_BK.device)
+        ratio_BK = (l_BK[:, :1] - l_BK[:, 1:]) / idx_BL.shape[1]
+        ratios.append(ratio_BK[keep_BK])
+    var.train(was_training)
+    if sum(r.numel() for r in ratios) == 0:
+        raise ValueError("every sampled negative equals its positive: the dataset needs at least two classes")
+    return ratios
+
+
+def mean_log_ratio_per_token(var, tokens, loss_cfg, num_classes: int, seed: int,
+                             num_images: int = 512, batch_size: int = 64) -> float:
+    """The mean of log_ratios_per_token (summed batch by batch, as the recorded caps were computed)."""
+    batches = log_ratios_per_token(var, tokens, loss_cfg, num_classes, seed, num_images, batch_size)
+    return sum(float(r.sum()) for r in batches) / sum(r.numel() for r in batches)
+
+
+def check_fixed_tau(var, tokens, loss_cfg, num_classes: int, seed: int) -> None:
+    """Refuse a fixed loss.mclr.tau that the starting model's pairs already reach: with the hard cap such pairs give
+    the ratio term no gradient, so the run would be nll fine-tuning labelled MCLR."""
+    tau = loss_cfg.mclr.tau
+    ratios = torch.cat([r.float().cpu() for r in log_ratios_per_token(var, tokens, loss_cfg, num_classes, seed)])
+    capped = float((ratios >= tau).float().mean())
+    mean = float(ratios.double().mean())
+    if capped >= MAX_CAPPED_SHARE:
+        raise ConfigError(f"loss.mclr.tau = {tau:g} caps {100 * capped:.0f}% of the training pairs from step 0 (the "
+                          f"starting model's mean log-ratio per token is {mean:.3g}), so MCLR would be the nll "
+                          f"control; use loss.mclr.tau = auto ({loss_cfg.mclr.tau_multiple:g} x the mean) or a "
+                          f"number above {mean:.3g}")
+    # Half or more capped from step 0: MCLR acts on few pairs; allowed (a deliberate tight cap), but said loudly.
+    log.log(logging.WARNING if capped >= 0.5 else logging.INFO, "loss.mclr.tau = %g: %.0f%% of training pairs start "
+            "at or past the cap (mean log-ratio per token %.4f)", tau, 100 * capped, mean)
+
+
+def resolve_auto_tau(var, tokens, loss_cfg, num_classes: int, seed: int) -> float:
+    """The cap tau = loss.mclr.tau_multiple x the starting model's mean per-token log-ratio on training pairs."""
+    m = loss_cfg.mclr
+    mean = mean_log_ratio_per_token(var, tokens, loss_cfg, num_classes, seed)
+    if mean < MIN_MEAN_LOG_RATIO:
+        raise ConfigError(f"loss.mclr.tau = auto: the starting model's mean log-ratio per token on training pairs is "
+                         f"{mean:.3g}, so it barely separates classes; fine-tune from a trained conditional model "
+                         f"(model.init) or set loss.mclr.tau to a number")
+    tau = m.tau_multiple * mean
+    log.info("loss.mclr.tau = auto: mean log-ratio per token on training pairs %.4f x tau_multiple %g -> tau %.4f",
+             mean, m.tau_multiple, tau)
+    return tau
 
 
 OBJECTIVE = Objective("mclr", plan, loss, settings=MCLRConfig, check=check, prepare=prepare, score=score,
