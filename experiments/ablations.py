@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eval.tables import fmt, markdown_table
 from experiments.common import Scoring, cached_row, experiment_parser, finetune_stage, train_stage, write_table
-from experiments.pipeline import MNIST_CONFIGS
+from experiments.stages import MNIST_CONFIGS
 from var_mclr.config import load_config
 from var_mclr.files import write_text_atomic
 

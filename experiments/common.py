@@ -18,7 +18,8 @@ from accelerate import Accelerator
 from eval.fid import evaluate, feature_backend
 from eval.sampling_run import load_for_eval
 from eval.settings import EvalSettings
-from experiments.pipeline import pipeline, run_stage, stage
+from experiments.pipeline import pipeline
+from experiments.stages import run_stage, stage
 from var_mclr.checkpoints import read_model_info
 from var_mclr.config import Config
 from var_mclr.files import write_text_atomic

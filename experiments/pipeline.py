@@ -43,20 +43,17 @@ from eval.sampling_run import load_for_eval
 from eval.settings import EvalSettings
 from eval.stage_checks import (base_problem, base_report, checks_block, evaluator_problem, tokenizer_problem,
                                tokenizer_report)
-from experiments.stage_names import stage_hash
+from experiments.stages import MNIST_CONFIGS, STAGE_CONFIGS, run_stage, stage
 from eval.tables import markdown_table, mean_std, summarise
-from var_mclr.checkpoints import is_complete_result, load_model
+from var_mclr.checkpoints import load_model
 from var_mclr.config import Config, load_config
 from var_mclr.data import check_split_classes, class_dirs
 from var_mclr.errors import UserError, add_debug_flag, reporting_user_errors
-from var_mclr.files import CONFIG_DIR, write_text_atomic
+from var_mclr.files import write_text_atomic
 from var_mclr.train import train
 from var_mclr.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("experiments.pipeline")
-CONFIG_ROOT = CONFIG_DIR  # the checkout's configs/, or the installed package's copy
-STAGE_CONFIGS = {"mnist": CONFIG_ROOT / "mnist", "imagefolder": CONFIG_ROOT / "folder"}  # by --data
-MNIST_CONFIGS = STAGE_CONFIGS["mnist"]
 FINETUNES = ("nll", "mclr", "cca", "cc_dpo")
 # The feature network of each dataset's comparison: MNIST keeps the demo's (the shipped network, same numbers).
 DEFAULT_FEATURES = {"mnist": "mnist", "imagefolder": "classifier"}
@@ -138,24 +135,6 @@ def check_base(cfg: Config, pre: Path, enforce: bool) -> dict:
              report["implicit_classifier_accuracy"], report["chance"], report["mean_log_ratio_per_token"])
     check(base_problem(report), enforce)
     return report
-
-
-def stage(name: str, yaml_name: str, root: Path, overrides: list[str],
-          configs: Path = MNIST_CONFIGS) -> tuple[Config, Path]:
-    """The stage's config (configs/<yaml_name>) with its output directory, named by its hash
-    (experiments/stage_names.py)."""
-    cfg = load_config(configs / yaml_name, overrides, check_files=False)
-    out_dir = root / f"{name}-{stage_hash(cfg)}"
-    cfg.run.out_dir = str(out_dir)
-    return cfg, out_dir / "model.safetensors"
-
-
-def run_stage(cfg: Config, result: Path, fn) -> Path:
-    if result.exists() and is_complete_result(result):  # weights without hyperparameters: the stage rebuilds them
-        log.info("cached: %s", result)
-        return result
-    log.info("running stage -> %s", result.parent)
-    return fn(cfg)
 
 
 def pipeline(root: Path, seed: int, extra: list[str], finetunes: list[tuple[str, str, list[str]]] | None = None,

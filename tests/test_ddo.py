@@ -115,8 +115,8 @@ def test_settings_have_value_rules_naming_the_key():
 
 
 def test_the_ddo_section_is_written_and_names_a_new_stage_once_changed():
-    # experiments/stage_names.py leaves the section out of a stage's name at its defaults (tests/test_stage_names.py).
-    from experiments.stage_names import stage_hash
+    # experiments/stages.py leaves the section out of a stage's name at its defaults (tests/test_stage_names.py).
+    from experiments.stages import stage_hash
     at_default = _ddo_cfg()
     assert at_default.to_dict()["loss"]["ddo"]["alpha"] == at_default.loss.ddo.alpha
     assert stage_hash(_ddo_cfg(alpha=2.0)) != stage_hash(at_default)

@@ -121,7 +121,7 @@ def test_config_rules_name_the_key(tmp_path, text, message):
 
 
 def test_dial_keys_are_written_and_leave_stage_names_alone_while_off(tmp_path):
-    from experiments.stage_names import stage_hash
+    from experiments.stages import stage_hash
     off = load_config(write(tmp_path, "train: {objective: mclr}\n"), check_files=False)
     assert off.to_dict()["loss"]["mclr"]["lam_range"] is None and "gft" in off.to_dict()["loss"]
     on = load_config(write(tmp_path, "train: {objective: mclr}\nmodel: {strength_cond: true}\n"

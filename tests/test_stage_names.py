@@ -1,5 +1,5 @@
 """Directories of earlier runs, from before the library's to_dict wrote every key: the demo's stages keep their names
-(experiments/stage_names.py), so every finished stage is found again and none retrains, and a run that recorded a
+(experiments/stages.py), so every finished stage is found again and none retrains, and a run that recorded a
 config without the later keys still resumes."""
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.pipeline import MNIST_CONFIGS, stage
-from experiments.stage_names import stage_hash
+from experiments.stages import MNIST_CONFIGS, stage, stage_hash
 
 # Computed with the code before the change (config.OMITTED_AT_DEFAULT): names, not results.
 GOLDEN = {"tokenizer": "f1724ac7", "pretrain": "89944193", "nll": "31633a08", "mclr": "afc0d221", "cca": "d764582b",

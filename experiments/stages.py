@@ -1,4 +1,5 @@
-"""The names of the pipeline's stage directories: <stage>-<hash of the resolved config>.
+"""Where each stage of the pipeline lives, and whether it is done: the stage configs (configs/mnist, configs/folder),
+each stage's directory <stage>-<hash of its resolved config> under the run root, and its result.
 
 A key added to the config after the first stages were named is left out of the hash while it holds its default, so
 every stage trained before it existed keeps its name (and is found again, not retrained); set to anything else, it
@@ -8,8 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from pathlib import Path
+from typing import Callable
 
-from var_mclr.config import Config
+from var_mclr.checkpoints import is_complete_result
+from var_mclr.config import Config, load_config
+from var_mclr.files import CONFIG_DIR
+
+log = logging.getLogger("experiments.stages")
+STAGE_CONFIGS = {"mnist": CONFIG_DIR / "mnist", "imagefolder": CONFIG_DIR / "folder"}  # by --data
+MNIST_CONFIGS = STAGE_CONFIGS["mnist"]
 
 # Dotted config keys (a whole section too) added after stage directories were first named, in the order they came.
 ADDED_AFTER_NAMING = (
@@ -40,3 +50,21 @@ def stage_hash(cfg: Config) -> str:
     tree = _without_added_at_default(cfg.to_dict(), Config().to_dict())
     tree["run"].pop("out_dir")
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def stage(name: str, yaml_name: str, root: Path, overrides: list[str],
+          configs: Path = MNIST_CONFIGS) -> tuple[Config, Path]:
+    """The stage's config (configs/<yaml_name>) with its output directory, named by its hash."""
+    cfg = load_config(configs / yaml_name, overrides, check_files=False)
+    out_dir = root / f"{name}-{stage_hash(cfg)}"
+    cfg.run.out_dir = str(out_dir)
+    return cfg, out_dir / "model.safetensors"
+
+
+def run_stage(cfg: Config, result: Path, fn: Callable[[Config], Path]) -> Path:
+    """The stage's result: the one already there, else fn(cfg) trains it."""
+    if result.exists() and is_complete_result(result):  # weights without hyperparameters: the stage rebuilds them
+        log.info("cached: %s", result)
+        return result
+    log.info("running stage -> %s", result.parent)
+    return fn(cfg)
