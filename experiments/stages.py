@@ -15,11 +15,17 @@ from typing import Callable
 
 from var_mclr.checkpoints import is_complete_result
 from var_mclr.config import Config, load_config
+from var_mclr.errors import UserError
 from var_mclr.files import CONFIG_DIR
 
 log = logging.getLogger("experiments.stages")
 STAGE_CONFIGS = {"mnist": CONFIG_DIR / "mnist", "imagefolder": CONFIG_DIR / "folder"}  # by --data
 MNIST_CONFIGS = STAGE_CONFIGS["mnist"]
+
+
+class PipelineError(UserError, ValueError):
+    """A pipeline setting, or what a stage found, that the later stages cannot use; the message says what to change."""
+
 
 # Dotted config keys (a whole section too) added after stage directories were first named, in the order they came.
 ADDED_AFTER_NAMING = (

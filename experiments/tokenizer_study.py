@@ -15,7 +15,8 @@ import logging
 import time
 from pathlib import Path
 
-from experiments.pipeline import check_tokenizer, folder_overrides
+from experiments.checks import check_tokenizer
+from experiments.pipeline import folder_overrides
 from experiments.stages import STAGE_CONFIGS, run_stage, stage
 from var_mclr.checkpoints import read_model_info
 from var_mclr.train_tokenizer import train_tokenizer

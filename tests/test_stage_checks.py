@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import tiny_vae, tiny_var
 from eval.run_data import EVALUATOR_MIN_ACCURACY, own_classifier_net
 from eval.stage_checks import base_problem, base_report, reconstruct, tokenizer_problem
-from experiments.pipeline import PipelineStop, main, pipeline, report_checks
+from experiments.checks import PipelineStop, report_checks
+from experiments.pipeline import main, pipeline
 from test_own_data import make_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +72,7 @@ def test_a_base_that_ignores_the_class_is_near_chance_and_stopped(tmp_path):
     assert report["mean_log_ratio_per_token"] == pytest.approx(0, abs=1e-6) and report["skill"] < 0.25
     assert "the base does not separate the classes" in base_problem(report)
     with pytest.raises(PipelineStop, match="no fine-tuning was run"):
-        from experiments.pipeline import check
+        from experiments.checks import check
         check(base_problem(report), enforce=True)
 
 
