@@ -74,11 +74,6 @@ class DataConfig:
     heldout_share: float = 0.0
 
 
-# Architecture keys of VARConfig that the run derives instead of declaring: vocabulary, latent width and patch
-# schedule come from the tokenizer, the class count from data.num_classes.
-VAR_DERIVED = ("vocab_size", "Cvae", "num_classes", "patch_nums")
-
-
 class _Derived:
     """A VARConfig key the run derives (var_config): ModelConfig declares it a class variable, which takes it out of
     the section's fields, and reading it says so instead of giving VARConfig's default."""
@@ -100,8 +95,8 @@ class TokenizerConfig(VQVAEConfig):
 
 @dataclass
 class ModelConfig(VARConfig):
-    """model: the VAR architecture (var_mclr/model.py, VARConfig: every key and its default) less VAR_DERIVED, which
-    a config may not set, plus two run-level keys."""
+    """model: the VAR architecture (var_mclr/model.py, VARConfig: every key and its default) less the keys the run
+    derives, which a config may not set, plus two run-level keys."""
     init: str | None = None  # official var_d*.pth or our .safetensors; None = train from scratch
     # Stochastic depth of the last block while training (official VAR: 0.1 * depth / 24; 0 = off), not part of the
     # architecture.
@@ -110,6 +105,11 @@ class ModelConfig(VARConfig):
     Cvae: typing.ClassVar = _Derived()
     num_classes: typing.ClassVar = _Derived()
     patch_nums: typing.ClassVar = _Derived()
+
+
+# Architecture keys of VARConfig that the run derives instead of declaring: vocabulary, latent width and patch
+# schedule come from the tokenizer, the class count from data.num_classes.
+VAR_DERIVED = tuple(name for name, value in vars(ModelConfig).items() if isinstance(value, _Derived))
 
 
 def vqvae_config(section) -> VQVAEConfig:
@@ -126,7 +126,7 @@ def var_config(section, vocab_size: int, Cvae: int, num_classes: int, patch_nums
 
 @dataclass
 class TrainConfig:
-    objective: str = "nll"  # nll | mclr | cca | cc_dpo | unlearning
+    objective: str = "nll"  # a name of the objectives' registry (var_mclr/objectives/__init__.py, REGISTERED)
     steps: int = 1000
     # Length in passes over the training split instead of steps: steps = ceil(epochs x images / global batch),
     # resolved when the run starts and logged (docs/method.md, "Training length"). null = use steps.
