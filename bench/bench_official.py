@@ -66,7 +66,7 @@ def row(what: str, times: dict[str, list[float]]) -> str:
             f" | {statistics.median(r):.3f} ({r[len(r) // 4]:.3f}-{r[(3 * len(r)) // 4]:.3f}) |")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--official-root", type=Path, default=None, help="an extracted FoundationVision/VAR checkout")
     ap.add_argument("--depth", type=int, default=6)
@@ -75,15 +75,12 @@ def main() -> None:
     ap.add_argument("--sample-batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
-    if args.official_root is None or not (args.official_root / "models" / "var.py").is_file():
-        print(f"skipped: --official-root must point at an extracted FoundationVision/VAR checkout "
-              f"(models/var.py), got {args.official_root}")
-        return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    OfficialVQVAE, OfficialVAR = import_official(args.official_root.resolve())
+    return ap.parse_args()
 
+
+def build_pair(args: argparse.Namespace):
+    """(official tokenizer, official VAR, our tokenizer, our VAR) with the same random weights."""
+    OfficialVQVAE, OfficialVAR = import_official(args.official_root.resolve())
     torch.manual_seed(0)
     o_vae = OfficialVQVAE(vocab_size=512, z_channels=32, ch=32, test_mode=True, share_quant_resi=4,
                           v_patch_nums=PATCH_NUMS)
@@ -98,19 +95,13 @@ def main() -> None:
     ours = VAR(VARConfig(vocab_size=512, Cvae=32, num_classes=1000, depth=args.depth, embed_dim=args.width,
                          num_heads=args.width // 64, patch_nums=PATCH_NUMS))
     ours.load_state_dict(official.state_dict())
+    return o_vae, official, vae, ours
 
-    g = torch.Generator().manual_seed(0)
-    B = args.train_batch
-    idx_BL = torch.randint(0, 512, (B, ours.L), generator=g)
-    x_BLCv = torch.randn(B, ours.L - 1, 32, generator=g)
-    label_B = torch.randint(0, 1000, (B,), generator=g)
-    official.eval(), ours.eval()
-    with torch.no_grad():
-        gap = (official(label_B, x_BLCv) - ours(label_B, x_BLCv)).abs().max().item()
-    print(f"threads {torch.get_num_threads()}, depth {args.depth}, width {args.width}, L {ours.L}, V 512; "
-          f"max |logits ours - official| = {gap:.2g}")
 
-    # ---- training step ----
+def train_step_times(official, ours, batch: tuple, repeats: int) -> dict[str, list[float]]:
+    """One optimizer step of each (nll, 10% class dropout, clipping), interleaved."""
+    idx_BL, x_BLCv, label_B = batch
+    B = len(label_B)
     official.train(), ours.train()
     official.cond_drop_rate = 0.1
     loss_weight_1L = torch.full((1, ours.L), 1 / ours.L)
@@ -135,19 +126,43 @@ def main() -> None:
         opts[ours].step()
         opts[ours].zero_grad(set_to_none=True)
 
-    train_times = interleaved({"official": official_step, "ours": our_step}, args.repeats)
+    return interleaved({"official": official_step, "ours": our_step}, repeats)
 
-    # ---- CFG sampling, tokens only ----
+
+def sampling_times(o_vae, official, vae, ours, labels_S: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """CFG sampling of tokens (no decoding) by each, interleaved."""
     official.eval(), ours.eval()
     o_vae.fhat_to_img = lambda f_hat: f_hat  # tokens only: the official sampler always decodes at its end
-    S = args.sample_batch
-    labels_S = torch.randint(0, 1000, (S,), generator=g)
+    S = len(labels_S)
     cfg = SamplingConfig(guidance="cfg", cfg_scale=1.5, top_k=128, top_p=0.96)
-    sample_times = interleaved({
+    return interleaved({
         "official": lambda: official.autoregressive_infer_cfg(S, labels_S, g_seed=0, cfg=1.5, top_k=128, top_p=0.96),
         "ours": lambda: sample_tokens(ours, vae.quantize, labels_S, cfg, torch.Generator().manual_seed(0)),
-    }, args.repeats)
+    }, repeats)
 
+
+def main() -> None:
+    args = parse_args()
+    if args.official_root is None or not (args.official_root / "models" / "var.py").is_file():
+        print(f"skipped: --official-root must point at an extracted FoundationVision/VAR checkout "
+              f"(models/var.py), got {args.official_root}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    o_vae, official, vae, ours = build_pair(args)
+    g = torch.Generator().manual_seed(0)
+    B = args.train_batch
+    idx_BL = torch.randint(0, 512, (B, ours.L), generator=g)
+    x_BLCv = torch.randn(B, ours.L - 1, 32, generator=g)
+    label_B = torch.randint(0, 1000, (B,), generator=g)
+    official.eval(), ours.eval()
+    with torch.no_grad():
+        gap = (official(label_B, x_BLCv) - ours(label_B, x_BLCv)).abs().max().item()
+    print(f"threads {torch.get_num_threads()}, depth {args.depth}, width {args.width}, L {ours.L}, V 512; "
+          f"max |logits ours - official| = {gap:.2g}")
+    train_times = train_step_times(official, ours, (idx_BL, x_BLCv, label_B), args.repeats)
+    S = args.sample_batch
+    sample_times = sampling_times(o_vae, official, vae, ours, torch.randint(0, 1000, (S,), generator=g), args.repeats)
     print(f"median of {args.repeats}, interleaved\n")
     print("| what | official ms | ours ms | ours / official (IQR) |")
     print("|---|---:|---:|---:|")
