@@ -2,7 +2,7 @@
 only declares what it runs: the demo's base and its tokenizer, fine-tuned stages named as the sweep names them (a
 point one script trained is reused by the others), one scoring setup per base, cached evaluation rows and the
 written table; mean and spread over seeds and markdown tables come from eval/tables.py (the pipeline's and
-eval/compare.py's too). The stages themselves are experiments/pipeline.py's."""
+eval/compare.py's too). Stage lookup is experiments/stages.py's, the demo's stages experiments/pipeline.py's."""
 from __future__ import annotations
 
 import argparse
