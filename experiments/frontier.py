@@ -85,8 +85,8 @@ def matched_recall(summary: dict, a: str, b: str, n: int = 50) -> dict:
     sign = np.sign(gap)
     nonzero = np.flatnonzero(sign)  # a crossing lies between two grid points of opposite, non-zero sign
     crossings = [float((grid[i] + grid[j]) / 2) for i, j in zip(nonzero, nonzero[1:]) if sign[i] != sign[j]]
-    return {"overlap": [float(lo), float(hi)], "mean_fid_gap": float(gap.mean()), "a_lower_share": float((gap < 0).mean()),
-            "crossings": crossings}
+    return {"overlap": [float(lo), float(hi)], "mean_fid_gap": float(gap.mean()),
+            "a_lower_share": float((gap < 0).mean()), "crossings": crossings}
 
 
 def plot(summary: dict, path: Path) -> None:
