@@ -101,15 +101,21 @@ def test_the_saved_model_and_checkpoints_are_the_files_ddp_writes(runs):
     assert state["optimizer"] == ddp_state["optimizer"] and state["step"] == 2
 
 
-def test_fsdp_resumes_model_and_optimizer_exactly(runs):
-    tmp, out = runs
-    run_dir, cfg, _ = out["fsdp"]
+def _relaunch_fsdp_from_step_2(run_dir, cfg, tmp):
+    """Delete the run's result and its step-4 checkpoint, then relaunch it under FSDP: it resumes from step 2.
+    Returns (the deleted step-4 model and optimizer tensors, the step-4 checkpoint directory, the log)."""
     last = run_dir / "checkpoints" / "step_0000004"
-    first = {name: load_file(last / name) for name in ("model.safetensors", "optimizer.safetensors")}
+    saved = {name: load_file(last / name) for name in ("model.safetensors", "optimizer.safetensors")}
     for name in ("model.safetensors", "model.json"):
         (run_dir / name).unlink()
     shutil.rmtree(last)
-    log = _launch("fsdp", cfg, tmp)
+    return saved, last, _launch("fsdp", cfg, tmp)
+
+
+def test_fsdp_resumes_model_and_optimizer_exactly(runs):
+    tmp, out = runs
+    run_dir, cfg, _ = out["fsdp"]
+    first, last, log = _relaunch_fsdp_from_step_2(run_dir, cfg, tmp)
     assert "resumed from" in log and "step_0000002 at step 2" in log
     for name, tensors in first.items():  # steps 3-4 redone from step 2's full state, scattered onto the shards
         again = load_file(last / name)
@@ -121,12 +127,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(runs):
     """The checkpoints are one format: FSDP picks up the DDP run at step 2 and redoes steps 3-4 as DDP did."""
     tmp, out = runs
     run_dir, cfg, _ = out["ddp"]
-    last = run_dir / "checkpoints" / "step_0000004"
-    ddp = {name: load_file(last / name) for name in ("model.safetensors", "optimizer.safetensors")}
-    for name in ("model.safetensors", "model.json"):
-        (run_dir / name).unlink()
-    shutil.rmtree(last)
-    log = _launch("fsdp", cfg, tmp)
+    ddp, last, log = _relaunch_fsdp_from_step_2(run_dir, cfg, tmp)
     assert "world size 2 (DistributedType.FSDP)" in log and "step_0000002 at step 2" in log
     for name, tensors in ddp.items():
         again = load_file(last / name)
