@@ -3,9 +3,12 @@
     python eval/compare.py --base runs/mnist/pretrain/model.safetensors \
         --finetuned nll=runs/mnist/nll/model.safetensors mclr=runs/mnist/mclr/model.safetensors \
                     cca=runs/mnist/cca/model.safetensors --cfg-scales 0.5 1 2 3 --out-dir runs/mnist/compare
+    python eval/compare.py --base B --finetuned gft-b0.5=P gft-b0.8=P --strength gft-b0.5=0.5 --strength gft-b0.8=0.8
 
 Every row is sampled with the same seed, classes and sample count and scored by the same feature network. Writes
 table.md, table.csv, results.json, fid_vs_cfg.png and grid.png (the same seeds and classes for every row).
+--strength NAME=VALUE samples the strength-conditioned --finetuned row NAME at that strength (GFT's beta, the MCLR
+dial's lambda: eval/fid.py --strength); other rows get the model's neutral input.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from accelerate import Accelerator  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 from eval.fid import evaluate, feature_backend, read_outputs  # noqa: E402
-from eval.sampling_run import load_models  # noqa: E402
+from eval.sampling_run import load_models, strength_input_of  # noqa: E402
 from eval.separation import separation  # noqa: E402
 from eval.settings import EvalSettings, SettingsError, add_eval_arguments, settings_from_args  # noqa: E402
 from eval.run_data import DataSpecError, recorded_data, split_images  # noqa: E402
@@ -58,15 +61,63 @@ def check_row_names(finetuned: list[tuple[str, str]]) -> None:
         raise SettingsError(f"--finetuned names {dup} appear more than once")
 
 
-def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float]) -> list[dict]:
+def check_strengths(strengths: dict[str, float], finetuned: list[tuple[str, str]]) -> None:
+    """Each --strength NAME=VALUE names a --finetuned row and a finite number."""
+    names = {name for name, _ in finetuned}
+    for name, value in strengths.items():
+        if name not in names:
+            raise SettingsError(f"--strength {name}={value}: {name!r} is not a --finetuned row name "
+                                f"(rows: {sorted(names)})")
+        try:
+            finite = math.isfinite(value)
+        except TypeError:
+            finite = False
+        if not finite:
+            raise SettingsError(f"--strength {name}={value}: VALUE must be a finite number")
+
+
+def parse_strengths(items: list[str]) -> dict[str, float]:
+    """{NAME: VALUE} of --strength NAME=VALUE items (split at the last '=', so a row name may hold one)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep or not name:
+            raise SettingsError(f"--strength {item}: expected NAME=VALUE, NAME a --finetuned row")
+        if name in out:
+            raise SettingsError(f"--strength {item}: row {name!r} is given a strength more than once")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise SettingsError(f"--strength {item}: VALUE must be a finite number") from None
+    return out
+
+
+def plan_rows(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float],
+              strengths: dict[str, float] | None = None) -> list[dict]:
+    """The rows to sample; a fine-tuned row named in strengths carries "strength" (no such key otherwise)."""
+    strengths = strengths or {}
     rows = [{"name": "base", "ckpt": base, "guidance": "none", "cfg_scale": 0.0}]
     rows += [{"name": f"base+cfg{s:g}", "ckpt": base, "guidance": "cfg", "cfg_scale": s} for s in cfg_scales]
-    rows += [{"name": name, "ckpt": path, "guidance": "none", "cfg_scale": 0.0} for name, path in finetuned]
+    rows += [{"name": name, "ckpt": path, "guidance": "none", "cfg_scale": 0.0,
+              **({"strength": strengths[name]} if name in strengths else {})} for name, path in finetuned]
     return rows
+
+
+def check_row_strengths(rows: list[dict], common: EvalSettings) -> None:
+    """Before any row is sampled: each strength fits its model (strength-conditioned, in the objective's range)."""
+    by_ckpt: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("strength") is not None:
+            by_ckpt.setdefault(row["ckpt"], []).append(row["strength"])
+    for ckpt, strengths in by_ckpt.items():  # each checkpoint loaded once
+        _, var, _ = _load(ckpt, common)
+        for strength in strengths:
+            strength_input_of(dataclasses.replace(common, ckpt=ckpt, strength=strength), var)
 
 
 def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: str | None,
              root: str | None = None) -> list[dict]:
+    check_row_strengths(rows, common)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     vae0, var0, _ = _load(rows[0]["ckpt"], common)
@@ -86,8 +137,10 @@ def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: s
     results = []
     for row in rows:
         args = dataclasses.replace(common, ckpt=row["ckpt"], guidance=row["guidance"], cfg_scale=row["cfg_scale"],
-                                   out_dir=str(out_dir / row["name"]))
+                                   out_dir=str(out_dir / row["name"]), strength=row.get("strength"))
         record = evaluate(args, net, ref, accelerator)
+        # Once per checkpoint, at the model's neutral strength input: rows of one checkpoint at several strengths
+        # share it (eval/separation.py --strength measures it at a strength).
         if row["ckpt"] not in separations:
             vae, var, _ = _load(row["ckpt"], common)
             separations[row["ckpt"]] = separation(var.to(device), vae.to(device), *heldout)
@@ -111,8 +164,8 @@ def write_tables(results: list[dict], out_dir: Path, title: str) -> str:
                  if "WARNING: " in r.get("feature_network", "")), None)
     if weak:
         heading = [f"**WARNING: {weak.rstrip('.')}.**", "", *heading]
-    rows = [[r["name"], "none" if r["guidance"] == "none" else f"cfg {r['cfg_scale']:g}",
-             *(fmt(r.get(k)) for k in COLUMNS)] for r in results]
+    rows = [[r["name"], guidance_cell(r, "none", f"cfg {r['cfg_scale']:g}"), *(fmt(r.get(k)) for k in COLUMNS)]
+            for r in results]
     table = "\n".join(heading) + "\n" + markdown_table(header, rows)
     write_text_atomic(out_dir / "table.md", table)
 
@@ -121,12 +174,19 @@ def write_tables(results: list[dict], out_dir: Path, title: str) -> str:
             w = csv.writer(f)
             w.writerow(header)
             for r in results:
-                w.writerow([r["name"], r["guidance"] if r["guidance"] == "none" else f"cfg{r['cfg_scale']:g}"]
+                w.writerow([r["name"], guidance_cell(r, r["guidance"], f"cfg{r['cfg_scale']:g}")]
                            + [r.get(k) for k in COLUMNS])
 
     atomic_write(out_dir / "table.csv", write_csv)
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     return table
+
+
+def guidance_cell(r: dict, unguided: str, guided: str) -> str:
+    """A row's guidance column: unguided (with its strength, when sampled at one) or guided."""
+    if r["guidance"] != "none":
+        return guided
+    return unguided if r.get("strength") is None else f"{unguided}, strength {r['strength']:g}"
 
 
 def plot(results: list[dict], out_dir: Path) -> Path:
@@ -140,7 +200,8 @@ def plot(results: list[dict], out_dir: Path) -> Path:
             continue
         ax.plot([r["cfg_scale"] for r in base], [r[key] for r in base], "o-", color="k", label="base + CFG")
         for i, r in enumerate(others):
-            ax.axhline(r[key], color=f"C{i}", linestyle="--", label=f"{r['name']} (guidance-free)")
+            label_i = f"{r['name']} ({guidance_cell(r, 'guidance-free', '')})"
+            ax.axhline(r[key], color=f"C{i}", linestyle="--", label=label_i)
         ax.set_xlabel("CFG scale w of the base (0 = guidance-free)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -167,15 +228,18 @@ def side_by_side_grid(results: list[dict], out_dir: Path, per_class: int = 2) ->
 
 
 def compare(base: str, finetuned: list[tuple[str, str]], cfg_scales: list[float], common: EvalSettings,
-            out_dir: Path, data_name: str | None = None, root: str | None = None) -> list[dict]:
+            out_dir: Path, data_name: str | None = None, root: str | None = None,
+            strengths: dict[str, float] | None = None) -> list[dict]:
     """data_name (and root for an image folder): the dataset of the held-out images and the own-data features
-    (default: what the base was trained on, from its checkpoint)."""
+    (default: what the base was trained on, from its checkpoint). strengths: {fine-tuned row name: its sampling
+    strength} (rows not named: the model's neutral input)."""
     common.check()  # before any row is sampled
     check_row_names(finetuned)
+    check_strengths(strengths or {}, finetuned)
     if not all(math.isfinite(s) for s in cfg_scales):
         raise SettingsError(f"--cfg-scales = {cfg_scales} is out of range: must be finite numbers")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_rows(plan_rows(base, finetuned, cfg_scales), common, out_dir, data_name, root)
+    results = run_rows(plan_rows(base, finetuned, cfg_scales, strengths), common, out_dir, data_name, root)
     write_tables(results, out_dir, f"{common.num_samples} samples, sampling seed {common.seed}")
     plot(results, out_dir)
     side_by_side_grid(results, out_dir)
@@ -192,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="held-out images for separation and own-data features (default: the data the base model "
                         "was trained on; needed for an official base)")
     p.add_argument("--root", help="--data imagefolder: the directory holding train/<class>/ and val/<class>/")
+    p.add_argument("--strength", dest="row_strengths", action="append", default=[], metavar="NAME=VALUE",
+                   help="sample the strength-conditioned --finetuned row NAME at this strength (GFT's beta, the MCLR "
+                        "dial's lambda); repeatable; the same checkpoint may be several rows at several strengths")
     args = add_eval_arguments(p, with_ckpt=False).parse_args(argv)
     finetuned = []
     for item in args.finetuned:
@@ -200,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         finetuned.append(tuple(item.split("=", 1)))
     with reporting_user_errors(args.debug):
         compare(args.base, finetuned, args.cfg_scales, settings_from_args(args), Path(args.out_dir), args.data,
-                args.root)
+                args.root, parse_strengths(args.row_strengths))
     print((Path(args.out_dir) / "table.md").read_text())
 
 
