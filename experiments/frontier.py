@@ -3,17 +3,19 @@
     python -m experiments.frontier --seeds 0 1 2 --num-samples 5000
 
 Each method keeps its tuned settings (configs/mnist/*.yaml, chosen by experiments/sweep.py) and varies one knob over
-values fixed here before any run: CFG's scale w on the base, MCLR's lam at its tuned cap, CCA's lam at its tuned
-beta, CC-DPO's beta. Every point is a guidance-free sample of a fine-tuned model (CFG: of the base, guided), scored
-in the shipped classifier's features with the same seed and sample count.
+values fixed here before any run (KNOBS): CFG's scale w on the base; MCLR's lam at its tuned cap, CCA's lam at its
+tuned beta, CC-DPO's beta and DDO's beta, one fine-tuning per value; GFT's beta and the MCLR dial's lambda, each one
+fine-tuning sampled at every value. Every point is a sample of a fine-tuned model without guidance (CFG: of the
+base, guided), scored in the shipped classifier's features with the same seed and sample count.
 
 Decision rule, stated before running: at matched recall, lower FID wins. The comparison interpolates each method's
 mean FID linearly in recall over the recall range both methods cover, and reports the mean FID gap there and the
-recalls where the frontiers cross. Writes frontier.md / frontier.json under ROOT/frontier-n{N}-s{seeds} and the plot
-to docs/frontier.png (--plot).
+recalls where the frontiers cross (PAIRS), and which method is lowest at each recall. Writes frontier.md /
+frontier.json under ROOT/frontier-n{N}-s{seeds} and the plot to docs/frontier.png (--plot).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -28,29 +30,62 @@ from accelerate import Accelerator  # noqa: E402
 
 from experiments.common import Scoring, cached_row, experiment_parser, trained_finetune, write_table  # noqa: E402
 from eval.tables import markdown_table, mean_std, summarise  # noqa: E402
+from experiments.pipeline import reference_samples  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("experiments.frontier")
 
-# method -> (knob, values): fixed before running; the fine-tuned methods' other settings come from their config.
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One method's strength knob: a config key with one fine-tuning per value, or (at_sampling) a sampling setting
+    of one model: CFG's scale on the base, the strength input of one GFT or MCLR-dial fine-tuning."""
+    name: str
+    values: tuple[float, ...]
+    at_sampling: bool = False
+    overrides: tuple[str, ...] = ()  # the one fine-tuning's settings beside its config (at_sampling methods)
+
+
+# Fixed before running (docs/frontier.md, "Protocol"). Budget rule, the same for every training-time method: three
+# fine-tunings, the tuned value (configs/mnist/*.yaml) with one weaker and one stronger; a dial method gets one
+# fine-tuning sampled over the same range; CFG none. GFT's betas are 1 / (1 + w) at CFG's w.
+MCLR_LAMS = (3.0, 10.0, 30.0)
+CFG_SCALES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 KNOBS = {
-    "cfg": ("cfg_scale", [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]),
-    "mclr": ("loss.mclr.lam", [1.0, 3.0, 10.0, 30.0, 100.0]),
-    "cca": ("loss.cca.lam", [1.0, 10.0, 50.0, 100.0, 1000.0]),
-    # 0.2 added after the equal-budget sweep put CC-DPO's optimum at that edge of its grid
-    "cc_dpo": ("loss.cc_dpo.beta", [0.005, 0.01, 0.02, 0.05, 0.1, 0.2]),
+    "cfg": Knob("cfg_scale", CFG_SCALES, at_sampling=True),
+    "mclr": Knob("loss.mclr.lam", MCLR_LAMS),
+    "mclr_dial": Knob("strength", (3.0, 5.0, 10.0, 20.0, 30.0), at_sampling=True,
+                      overrides=(f"loss.mclr.lam_range=[{MCLR_LAMS[0]}, {MCLR_LAMS[-1]}]",)),
+    "gft": Knob("strength", tuple(round(1 / (1 + w), 4) for w in CFG_SCALES), at_sampling=True),
+    "cca": Knob("loss.cca.lam", (10.0, 50.0, 100.0)),
+    "cc_dpo": Knob("loss.cc_dpo.beta", (0.1, 0.2, 0.5)),
+    "ddo": Knob("loss.ddo.beta", (0.05, 0.15, 0.5)),
 }
 METRICS = ("fid", "precision", "recall", "class_accuracy")
+MNIST_DATA = {"name": "mnist", "resolution": 16, "num_classes": 10}
+
+
+def finetune_of(method: str, value: float, seed: int, root: Path, base: Path) -> Path:
+    """The fine-tuning a point samples: one per value, or the dial method's one for all its values."""
+    knob = KNOBS[method]
+    overrides = list(knob.overrides) if knob.at_sampling else [f"{knob.name}={value}"]
+    if method == "ddo":
+        overrides.append(f"loss.ddo.samples={reference_samples(root, seed, base, MNIST_DATA)}")
+    return trained_finetune(method, seed, root, base, overrides)
 
 
 def point_metrics(method: str, value: float, seed: int, root: Path, scoring: Scoring) -> dict:
     """Metrics of one (method, knob value, seed) point; trained and scored once, then read back."""
     points = root / f"frontier-points-n{scoring.common.num_samples}"
     if method == "cfg":
-        out, run = points / f"cfg{value:g}-s{seed}", {"guidance": "cfg", "cfg_scale": value}
+        out = points / f"{scoring.base.parent.name}-cfg{value:g}"  # one base per seed
+        run = {"guidance": "cfg", "cfg_scale": value}
     else:
-        ckpt = trained_finetune(method, seed, root, scoring.base, [f"{KNOBS[method][0]}={value}"])
-        out, run = points / ckpt.parent.name, {"ckpt": str(ckpt), "guidance": "none", "cfg_scale": 0.0}
+        ckpt = finetune_of(method, value, seed, root, scoring.base)
+        run = {"ckpt": str(ckpt), "guidance": "none", "cfg_scale": 0.0}
+        out = points / ckpt.parent.name
+        if KNOBS[method].at_sampling:
+            out, run["strength"] = points / f"{ckpt.parent.name}-strength{value:g}", value
 
     def score():
         metrics = scoring.metrics(out, seed=seed, **run)
@@ -89,6 +124,10 @@ def matched_recall(summary: dict, a: str, b: str, n: int = 50) -> dict:
             "a_lower_share": float((gap < 0).mean()), "crossings": crossings}
 
 
+def one_model(method: str) -> str:
+    return ", one model" if KNOBS[method].at_sampling and method != "cfg" else ""
+
+
 def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (method, entries) in enumerate(summary.items()):
@@ -98,7 +137,7 @@ def plot(summary: dict, path: Path) -> None:
             y = [e[key]["mean"] for e in entries]
             y_err = [e[key]["std"] for e in entries]
             ax.errorbar(r, y, xerr=r_err, yerr=y_err, fmt="o-", color=f"C{i}", capsize=2,
-                        label=f"{method} ({KNOBS[method][0].split('.')[-1]})")
+                        label=f"{method} ({KNOBS[method].name.split('.')[-1]}{one_model(method)})")
             for e, xx, yy in zip(entries, r, y):
                 ax.annotate(f"{e['value']:g}", (xx, yy), fontsize=6, xytext=(2, 2), textcoords="offset points")
     axes[0].set_ylabel("FID, classifier features (lower is better)")
@@ -120,14 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     root = Path(args.root)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    points: dict[str, dict[float, list[dict]]] = {m: {v: [] for v in KNOBS[m][1]} for m in args.methods}
+    points: dict[str, dict[float, list[dict]]] = {m: {v: [] for v in KNOBS[m].values} for m in args.methods}
     for seed in args.seeds:
         scoring = Scoring.of_seed(root, seed, args.num_samples, accelerator)
         for method in args.methods:
-            for value in KNOBS[method][1]:
+            for value in KNOBS[method].values:
                 row = point_metrics(method, value, seed, root, scoring)
                 points[method][value].append(row)
-                log.info("seed %d %s %s=%g: %s", seed, method, KNOBS[method][0], value, row)
+                log.info("seed %d %s %s=%g: %s", seed, method, KNOBS[method].name, value, row)
     summary = summarise_points(points)
     out = root / f"frontier-n{args.num_samples}-s{'-'.join(map(str, args.seeds))}"
     table, verdicts = report(summary)
@@ -139,24 +178,49 @@ def main(argv: list[str] | None = None) -> None:
         plot(summary, Path(args.plot))
 
 
+def best_by_recall(summary: dict, n: int = 200) -> list[tuple[float, float, str]]:
+    """Which method has the lowest interpolated mean FID at each recall, as (from, to, method) segments over the
+    recall range of all methods; at each recall only the methods whose frontier reaches it take part."""
+    curves = {m: _curve(entries) for m, entries in summary.items() if len(entries) > 1}
+    lo = min(r.min() for r, _ in curves.values())
+    hi = max(r.max() for r, _ in curves.values())
+    segments: list[list] = []
+    for x in np.linspace(lo, hi, n):
+        fids = {m: np.interp(x, r, f) for m, (r, f) in curves.items() if r.min() <= x <= r.max()}
+        best = min(fids, key=fids.get)
+        if segments and segments[-1][2] == best:
+            segments[-1][1] = float(x)
+        else:
+            segments.append([float(x), float(x), best])
+    return [tuple(seg) for seg in segments]
+
+
+# The pairs the report compares at matched recall: MCLR against every other method, the dial against the separately
+# trained MCLR points (does one fine-tuning match them?) and GFT against the CFG it replaces.
+PAIRS = [("mclr", m) for m in KNOBS if m != "mclr"] + [("mclr_dial", "mclr"), ("gft", "cfg")]
+
+
 def report(summary: dict) -> tuple[str, dict]:
-    """The table of every point (mean +- std over seeds) and MCLR's verdict against each other method."""
-    rows = [[method, KNOBS[method][0], f"{e['value']:g}",
+    """The table of every point (mean +- std over seeds), the pairs at matched recall and the best method at each
+    recall."""
+    rows = [[method, KNOBS[method].name, f"{e['value']:g}",
              *(mean_std(e.get(k)) for k in METRICS)]
             for method, entries in summary.items() for e in entries]
     lines, verdicts = [markdown_table(["method", "knob", "value", *METRICS], rows).rstrip("\n")], {}
-    if "mclr" in summary:
-        lines += ["", "At matched recall (mean FID gap, MCLR minus the other; negative = MCLR lower):", ""]
-        for other in summary:
-            if other == "mclr":
-                continue
-            v = verdicts[other] = matched_recall(summary, "mclr", other)
-            if v["overlap"] is None:
-                lines.append(f"- vs {other}: the recall ranges do not overlap")
-            else:
-                lines.append(f"- vs {other}: recall {v['overlap'][0]:.3f}-{v['overlap'][1]:.3f}, mean gap "
-                             f"{v['mean_fid_gap']:+.2f}, MCLR lower on {100 * v['a_lower_share']:.0f}% of it, "
-                             f"crossings at {', '.join(f'{c:.3f}' for c in v['crossings']) or 'none'}")
+    lines += ["", "At matched recall (mean FID gap, first minus second; negative = the first lower):", ""]
+    for a, b in PAIRS:
+        if a not in summary or b not in summary:
+            continue
+        v = verdicts[f"{a} vs {b}"] = matched_recall(summary, a, b)
+        if v["overlap"] is None:
+            lines.append(f"- {a} vs {b}: the recall ranges do not overlap")
+        else:
+            lines.append(f"- {a} vs {b}: recall {v['overlap'][0]:.3f}-{v['overlap'][1]:.3f}, mean gap "
+                         f"{v['mean_fid_gap']:+.2f}, {a} lower on {100 * v['a_lower_share']:.0f}% of it, "
+                         f"crossings at {', '.join(f'{c:.3f}' for c in v['crossings']) or 'none'}")
+    segments = verdicts["best_by_recall"] = best_by_recall(summary)
+    lines += ["", "Lowest mean FID at each recall (the methods whose frontier reaches it):", ""]
+    lines += [f"- recall {a:.3f}-{b:.3f}: {m}" for a, b, m in segments]
     return "\n".join(lines) + "\n", verdicts
 
 

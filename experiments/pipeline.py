@@ -1,11 +1,13 @@
 """One pipeline for any class-labelled data: the embedded MNIST digits, or an image folder of your own.
 
     tokenizer -> base VAR (nll, 10% class dropout) -> fine-tune: nll control | MCLR | CCA | CC-DPO -> compare
-    (a folder: MCLR, CCA and CC-DPO each at four strengths, STRENGTH_GRID, as CFG at four scales)
+    (a folder: MCLR, CCA and CC-DPO each at four strengths, STRENGTH_GRID, as CFG at four scales; --methods adds
+    GFT and the MCLR dial, one fine-tuning each sampled at four strengths, and DDO, after a stage that draws the
+    base's own samples)
 
     python -m experiments.pipeline                                     # the embedded MNIST demo (experiments.demo)
     python -m experiments.pipeline --data imagefolder --root DIR [--seeds 0 1 2] [--num-samples 5000] [--set K=V]
-                                   [--strengths tuned|sweep] [--skip-checks]
+                                   [--strengths tuned|sweep] [--methods nll mclr ... ddo] [--skip-checks]
 
 DIR holds train/<class>/<images> and, if you have one, a held-out val/<class>/<images> (without it, the last 10% of
 every training class is held out: data.heldout_share in configs/folder/tokenizer.yaml). The stage configs are
@@ -30,6 +32,7 @@ saying what to change (--skip-checks goes on); the measurements end the summary 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,39 +45,78 @@ from eval.tables import markdown_table, mean_std, summarise
 from experiments.checks import check_base, check_tokenizer, report_checks
 from experiments.stages import MNIST_CONFIGS, STAGE_CONFIGS, PipelineError, run_stage, stage
 from var_mclr.config import load_config
-from var_mclr.data import check_split_classes, class_dirs
+from var_mclr.data import build_dataset, check_split_classes, class_dirs, dataset_args
 from var_mclr.errors import add_debug_flag, reporting_user_errors
-from var_mclr.files import write_text_atomic
+from var_mclr.files import file_sha256, write_text_atomic
+from var_mclr.reference_samples import make_reference_samples
 from var_mclr.train import train
 from var_mclr.train_tokenizer import train_tokenizer
 
 log = logging.getLogger("experiments.pipeline")
-FINETUNES = ("nll", "mclr", "cca", "cc_dpo")
+FINETUNES = ("nll", "mclr", "cca", "cc_dpo")  # the default comparison (--methods)
+# Every fine-tuning method the pipeline runs: GFT and the MCLR dial are one strength-conditioned fine-tuning each,
+# sampled at several strengths; DDO trains against the base's own samples, drawn by a stage of their own.
+METHODS = (*FINETUNES, "gft", "mclr_dial", "ddo")
 # The feature network of each dataset's comparison: MNIST keeps the demo's (the shipped network, same numbers).
 DEFAULT_FEATURES = {"mnist": "mnist", "imagefolder": "classifier"}
 # --strengths sweep: each fine-tuned method at its MNIST-tuned strength and about 3x, 10x and 30x weaker. The best
 # guidance strength is a property of the data (CFG's best scale is 2 on MNIST and 0.5 on sklearn's digits), so on
 # data nobody tuned on every method gets four tries, as CFG gets its four --cfg-scales. The MNIST-tuned values were
 # the strongest useful ones there, and on the digits every method's weakest try of a 3-point grid was its best, so
-# the grid reaches down to 30x weaker (README, "Your own data").
+# the grid reaches down to 30x weaker (README, "Your own data"). DDO: the paper's VAR beta and 3x to 30x weaker (a
+# larger beta saturates the discriminator sooner: a weaker push; docs/method.md, "DDO").
 STRENGTH_GRID = {"mclr": ("loss.mclr.lam", (10.0, 3.0, 1.0, 0.3)), "cca": ("loss.cca.lam", (50.0, 15.0, 5.0, 1.5)),
-                 "cc_dpo": ("loss.cc_dpo.beta", (0.2, 0.6, 2.0, 6.0))}
+                 "cc_dpo": ("loss.cc_dpo.beta", (0.2, 0.6, 2.0, 6.0)),
+                 "ddo": ("loss.ddo.beta", (0.02, 0.06, 0.2, 0.6))}
 DEFAULT_STRENGTHS = {"mnist": "tuned", "imagefolder": "sweep"}
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+    """One row of the comparison: a fine-tuning stage (configs/<data>/<config>.yaml + overrides) and, for a
+    strength-conditioned model, the strength it is sampled at (GFT's beta, the MCLR dial's lambda)."""
+    name: str
+    config: str
+    overrides: tuple[str, ...] = ()
+    strength: float | None = None
 
 
-def finetune_runs(strengths: str) -> list[tuple[str, str, list[str]]]:
-    """(row name, stage config, overrides) of every fine-tuning: "tuned" runs each objective as configured, "sweep"
-    the nll control plus every STRENGTH_GRID value."""
-    if strengths == "tuned":
-        return [(name, name, []) for name in FINETUNES]
-    runs = [("nll", "nll", [])]
-    for method, (knob, values) in STRENGTH_GRID.items():
-        # "mclr-lam10": a row name is a plain directory name (eval/compare.py, check_row_names)
-        runs += [(f"{method}-{knob.rsplit('.', 1)[1]}{v:g}", method, [f"{knob}={v:g}"]) for v in values]
+def dial_rows(method: str, cfg_scales: list[float]) -> list[Finetune]:
+    """The rows of one dial fine-tuning: GFT at beta = 1 / (1 + w) for each CFG scale w (GFT's sampling is CFG at w
+    = 1/beta - 1: docs/method.md, "GFT"), the MCLR dial at each of MCLR's STRENGTH_GRID lambdas (its lam_range)."""
+    if method == "gft":
+        return [Finetune(f"gft-beta{1 / (1 + w):.3g}", "gft", (), round(1 / (1 + w), 4)) for w in cfg_scales]
+    return [Finetune(f"mclr_dial-lam{v:g}", "mclr_dial", (), v) for v in STRENGTH_GRID["mclr"][1]]
+
+
+def finetune_runs(strengths: str, methods: tuple[str, ...] = FINETUNES,
+                  cfg_scales: tuple[float, ...] = ()) -> list[Finetune]:
+    """Every row of the comparison: "tuned" runs each objective as configured, "sweep" each at every STRENGTH_GRID
+    value; the nll control once, a dial method as one fine-tuning at several sampling strengths (dial_rows)."""
+    runs = []
+    for method in methods:
+        if method in ("gft", "mclr_dial"):
+            runs += dial_rows(method, list(cfg_scales))
+        elif strengths == "tuned" or method not in STRENGTH_GRID:
+            runs.append(Finetune(method, method))
+        else:
+            knob, values = STRENGTH_GRID[method]
+            # "mclr-lam10": a row name is a plain directory name (eval/compare.py, check_row_names)
+            runs += [Finetune(f"{method}-{knob.rsplit('.', 1)[1]}{v:g}", method, (f"{knob}={v:g}",)) for v in values]
     return runs
 
 
-def pipeline(root: Path, seed: int, extra: list[str], finetunes: list[tuple[str, str, list[str]]] | None = None,
+def reference_samples(root: Path, seed: int, base: Path, data: dict) -> Path:
+    """DDO's reference set of one base: as many of its own guidance-free samples as the training split has images,
+    spread evenly over the classes, drawn once (a stage named by the base's weights) for every DDO row of that base."""
+    out = root / f"ddo-samples-s{seed}-{file_sha256(base)[:8]}"
+    if not out.exists():
+        log.info("running stage -> %s", out)
+        train_set = build_dataset(dataset_args(data), "train")
+        per_class = math.ceil(len(train_set) / train_set.num_classes)
+        make_reference_samples(str(base), per_class, out, seed=seed)
+    return out
+
+
+def pipeline(root: Path, seed: int, extra: list[str], finetunes: list[Finetune] | None = None,
              configs: Path = MNIST_CONFIGS, checks: str = "off", reports: dict | None = None) -> dict[str, Path]:
     """Tokenizer, base and the fine-tuning stages (finetune_runs; default: each objective as configured), trained
     where not cached; their checkpoints by row name. A stage directory is named by its config's hash, so the same
@@ -92,10 +134,13 @@ def pipeline(root: Path, seed: int, extra: list[str], finetunes: list[tuple[str,
     if checks != "off":
         reports[f"base s{seed}"] = check_base(pre_cfg, pre, checks == "enforce")
     paths = {"base": pre}
-    for name, config, overrides in finetune_runs("tuned") if finetunes is None else finetunes:
-        cfg, path = stage(f"{config}-s{seed}", f"{config}.yaml", root, [*common, f"model.init={pre}", *overrides],
-                          configs)
-        paths[name] = run_stage(cfg, path, train)
+    for run in finetune_runs("tuned") if finetunes is None else finetunes:
+        overrides = [*common, f"model.init={pre}", *run.overrides]
+        if run.config == "ddo":
+            samples = reference_samples(root, seed, pre, dataclasses.asdict(pre_cfg.data))
+            overrides.append(f"loss.ddo.samples={samples}")
+        cfg, path = stage(f"{run.config}-s{seed}", f"{run.config}.yaml", root, overrides, configs)
+        paths[run.name] = run_stage(cfg, path, train)
     return paths
 
 
@@ -143,13 +188,14 @@ def best_settings(summary: dict) -> str:
 
 def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str],
             configs: Path = MNIST_CONFIGS, features: str = "mnist", title: str = "MNIST demo",
-            strengths: str = "tuned", checks: str = "off") -> Path:
+            strengths: str = "tuned", checks: str = "off", methods: tuple[str, ...] = FINETUNES) -> Path:
     """Every stage for every seed (cached ones reused), then the comparison table, plot and grid; returns the
     summary directory. checks: pipeline()'s; their reports end the summary and every table says when the feature
     network is too weak to judge."""
-    check_arguments(seeds, num_samples, cfg_scales, overrides, configs, strengths, features, root)
+    runs = finetune_runs(strengths, methods, tuple(cfg_scales))
+    check_arguments(seeds, num_samples, cfg_scales, overrides, configs, runs, features, root)
     per_seed, outs, reports = [], [], {}
-    runs = finetune_runs(strengths)
+    strength_of = {run.name: run.strength for run in runs if run.strength is not None}
     for seed in seeds:
         paths = pipeline(root, seed, overrides, runs, configs, checks, reports)
         common = EvalSettings(ckpt=str(paths["base"]), num_samples=num_samples, cache_dir=str(root / "cache"),
@@ -162,8 +208,8 @@ def run_all(root: Path, seeds: list[int], num_samples: int, cfg_scales: list[flo
         if cached is not None:
             per_seed.append(cached)
         else:
-            per_seed.append(compare(str(paths["base"]), [(n, str(paths[n])) for n, _, _ in runs], cfg_scales,
-                                    common, out))
+            per_seed.append(compare(str(paths["base"]), [(r.name, str(paths[r.name])) for r in runs], cfg_scales,
+                                    common, out, strengths=strength_of or None))
         log.info("seed %d: table %s, plot %s, grid %s", seed, out / "table.md", out / "fid_vs_cfg.png",
                  out / "grid.png")
     summary_dir = root / f"summary-{hashlib.sha256(' '.join(outs).encode()).hexdigest()[:8]}"
@@ -197,7 +243,7 @@ def _cached_results(path: Path) -> list[dict] | None:
 
 
 def check_arguments(seeds: list[int], num_samples: int, cfg_scales: list[float], overrides: list[str],
-                    configs: Path, strengths: str, features: str, root: Path) -> None:
+                    configs: Path, runs: list[Finetune], features: str, root: Path) -> None:
     """Every setting the pipeline will use, checked before any stage trains: the seeds, the comparison's settings,
     and each stage's config with every override (each stage's config is otherwise read only when it is reached)."""
     if not seeds:
@@ -208,15 +254,17 @@ def check_arguments(seeds: list[int], num_samples: int, cfg_scales: list[float],
     for seed in seeds:
         common = ["tokenizer.checkpoint=tokenizer.safetensors", f"run.seed={seed}", *overrides]
         stages = [("tokenizer.yaml", overrides), ("pretrain.yaml", common)]
-        stages += [(f"{config}.yaml", [*common, "model.init=base.safetensors", *extra])
-                   for _, config, extra in finetune_runs(strengths)]
+        stages += [(f"{run.config}.yaml", [*common, "model.init=base.safetensors", *run.overrides,
+                                           *(["loss.ddo.samples=reference_samples"] if run.config == "ddo" else [])])
+                   for run in runs]
         for yaml_name, stage_overrides in stages:
             load_config(configs / yaml_name, stage_overrides, check_files=False)
 
 
 def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[int], num_samples: int,
                 cfg_scales: list[float], overrides: list[str], features: str | None = None,
-                strengths: str | None = None, skip_checks: bool = False) -> Path:
+                strengths: str | None = None, skip_checks: bool = False,
+                methods: tuple[str, ...] = FINETUNES) -> Path:
     """The pipeline on --data mnist or --data imagefolder --root DIR, every setting checked before any work. A
     folder's stages are checked as they finish and stop when one fails (skip_checks: report, go on)."""
     features = features or DEFAULT_FEATURES[data]
@@ -225,8 +273,9 @@ def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[i
         if data_root is not None:
             raise PipelineError("--root names an image folder; use it with --data imagefolder (--out sets where the "
                                 "runs go)")
+        # the demo's stages, unchecked: its numbers and outputs stay as they were
         return run_all(Path(out or "runs/mnist"), seeds, num_samples, cfg_scales, overrides, MNIST_CONFIGS, features,
-                       strengths=strengths)  # the demo's stages, unchecked: its numbers and outputs stay as they were
+                       strengths=strengths, methods=methods)
     if data_root is None:
         raise PipelineError("--data imagefolder needs --root DIR (the directory holding train/<class>/<images>)")
     if features == "mnist":
@@ -236,7 +285,7 @@ def run_dataset(data: str, data_root: str | None, out: str | None, seeds: list[i
     runs = Path(out or f"runs/folder-{root.resolve().name}")
     return run_all(runs, seeds, num_samples, cfg_scales, [*folder_overrides(root), *overrides],
                    STAGE_CONFIGS["imagefolder"], features, title=f"Image folder {root}", strengths=strengths,
-                   checks="report" if skip_checks else "enforce")
+                   checks="report" if skip_checks else "enforce", methods=methods)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -250,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg-scales", nargs="*", type=float, default=[0.5, 1.0, 2.0, 3.0])
     p.add_argument("--features", choices=("mnist", "classifier"),
                    help="the comparison's feature network (default: mnist for MNIST, classifier for a folder)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(FINETUNES),
+                   help="the fine-tuning methods compared (default: %(default)s; also gft, mclr_dial, ddo)")
     p.add_argument("--strengths", choices=("tuned", "sweep"),
                    help="fine-tune each method at its configured strength (tuned: the MNIST default) or at each "
                         "STRENGTH_GRID value (sweep: a folder's default)")
@@ -260,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     args = add_debug_flag(p).parse_args(argv)
     with reporting_user_errors(args.debug):
         run_dataset(args.data, args.root, args.out, args.seeds, args.num_samples, args.cfg_scales, args.set,
-                    args.features, args.strengths, args.skip_checks)
+                    args.features, args.strengths, args.skip_checks, tuple(args.methods))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The frontier verdict (experiments/frontier.py): FID compared at matched recall, crossings located."""
 import pytest
 
-from experiments.frontier import matched_recall
+from experiments.frontier import best_by_recall, matched_recall
 
 
 def _entries(points):
@@ -23,3 +23,14 @@ def test_matched_recall_gap_and_crossing():
 def test_disjoint_recall_ranges_give_no_verdict():
     summary = {"a": _entries([(0.1, 1.0), (0.2, 1.0)]), "b": _entries([(0.5, 1.0), (0.6, 1.0)])}
     assert matched_recall(summary, "a", "b")["overlap"] is None
+
+
+def test_best_by_recall_hands_over_where_the_frontiers_cross():
+    # a: FID 10 on recall 0.1-0.7; b: 14 -> 6 on 0.2-0.6 (crosses a at 0.4); c: FID 1 only on 0.65-0.7
+    summary = {"a": _entries([(0.1, 10.0), (0.7, 10.0)]), "b": _entries([(0.2, 14.0), (0.6, 6.0)]),
+               "c": _entries([(0.65, 1.0), (0.7, 1.0)])}
+    segments = best_by_recall(summary, n=601)
+    assert [m for _, _, m in segments] == ["a", "b", "a", "c"]
+    assert segments[0][0] == pytest.approx(0.1) and segments[-1][1] == pytest.approx(0.7)
+    assert segments[1][0] == pytest.approx(0.4, abs=2e-3) and segments[1][1] == pytest.approx(0.6, abs=2e-3)
+    assert segments[3][0] == pytest.approx(0.65, abs=2e-3)
