@@ -105,3 +105,18 @@ def test_a_per_process_config_is_told_to_set_the_global_batch_with_the_micro_bat
                                                  "train.batch_size=16", "train.grad_accum=2"], check_files=False)
     hints = plan_mod.fix_hints(cfg, 8, 80.0, "ddp")
     assert hints[0].startswith("train.global_batch=256 with train.micro_batch=")
+
+
+def test_collectives_are_counted_per_step_for_ddp_and_per_micro_step_for_fsdp():
+    cfg = load_config(CONFIGS / "var_d30.yaml", [], check_files=False)
+    P = plan_mod.arch(cfg).params
+    assert plan_mod.comm_bytes(cfg, 1, 16, "ddp") == plan_mod.comm_bytes(cfg, 1, 4, "fsdp") == 0.0
+    # DDP: one fp32 all-reduce per step, whatever the accumulation (the micro-steps before the last do not sync)
+    assert plan_mod.comm_bytes(cfg, 8, 16, "ddp") == plan_mod.comm_bytes(cfg, 8, 1, "ddp") == pytest.approx(
+        4 * P * 2 * 7 / 8)
+    # FSDP under bf16: two bf16 all-gathers and one fp32 reduce-scatter on every micro-step
+    assert plan_mod.comm_bytes(cfg, 8, 4, "fsdp") == pytest.approx(4 * (2 * 2 + 4) * P * 7 / 8)
+    fast = plan_mod.plan_config(cfg, 8, 80.0, bus_gbps=1e9)
+    slow = plan_mod.plan_config(cfg, 8, 80.0, bus_gbps=100.0)
+    assert slow.comm_s == pytest.approx(4 * P * 2 * 7 / 8 / 100e9)
+    assert slow.step_s == pytest.approx(fast.step_s - fast.comm_s + slow.comm_s)

@@ -23,7 +23,11 @@ but dense) + 2 L C V (head); training costs 3x the forward (4x for the fused hea
 backward), +1x the blocks with checkpointing, +1x per reference row and per no-gradient row of the objective
 (Objective.no_grad_rows: GFT's unconditional pass), + the tokenizer's encoder per image when encoding on the fly.
 Step time = FLOPs per GPU / (GPU_TFLOPS x MFU): an assumed throughput (A100 bf16 dense 312 TFLOPS) and an assumed
-utilisation (MFU 0.35), both flags; bench/gpu_check.py measures the real step beside this prediction.
+utilisation (MFU 0.35), both flags; bench/gpu_check.py measures the real step beside this prediction. Plus the
+collectives, counted as not overlapped with compute (an upper bound) at an assumed NCCL bus bandwidth (BUS_GBPS,
+--bus-gbps), in nccl-tests' terms: DDP all-reduces the fp32 gradients once per step (4P x 2(w-1)/w bytes; the
+accumulation micro-steps skip the sync); FSDP, on every micro-step, all-gathers the weights in the compute dtype for
+the forward and again for the backward, and reduce-scatters fp32 gradients ((2 b + 4) P (w-1)/w, b = 2 under bf16).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ GIB = 2 ** 30
 IMAGENET_TRAIN_IMAGES = 1_281_167
 HEADROOM = 0.92  # share of GPU memory the plan may fill
 GPU_TFLOPS, MFU = 312.0, 0.35  # assumed: A100 bf16 dense peak; a typical utilisation for a 1-2B transformer
+BUS_GBPS = 200.0  # assumed: NCCL bus bandwidth per GPU inside one NVLink node (nccl-tests reports ~230 on DGX A100)
 
 # Bytes per token per channel that one row keeps alive between forward and backward, measured on the CPU at widths
 # 1024 and 1920, L = 680 (bench/plan_constants.py, torch 2.14): "block" per transformer block (its output counted, its
@@ -82,7 +87,8 @@ class Plan:
     memory: dict[str, float] = field(default_factory=dict)  # component -> bytes per GPU
     phases: dict[str, float] = field(default_factory=dict)  # phase -> bytes per GPU at its peak
     gpu_memory: float = 0.0
-    step_s: float = 0.0
+    step_s: float = 0.0  # compute + communication
+    comm_s: float = 0.0  # of which the collectives, not overlapped
     epoch_s: float = 0.0
     flops_per_step: float = 0.0
 
@@ -247,9 +253,22 @@ def step_flops(cfg: Config, global_batch: int) -> float:
     return flops
 
 
-def add_time(plan: Plan, cfg: Config, global_batch: int, images: int, gpu_tflops: float, mfu: float) -> Plan:
+def comm_bytes(cfg: Config, world: int, grad_accum: int, sharding: str) -> float:
+    """Bytes one GPU's collectives move per optimizer step, in nccl-tests' bus-bandwidth terms (module docstring)."""
+    if world == 1:
+        return 0.0
+    P, share = arch(cfg).params, (world - 1) / world
+    if sharding == "fsdp":
+        gathered = 2 if cfg.train.mixed_precision != "no" else 4
+        return grad_accum * (2 * gathered + 4) * P * share
+    return 4 * P * 2 * share
+
+
+def add_time(plan: Plan, cfg: Config, global_batch: int, images: int, gpu_tflops: float, mfu: float,
+             sharding: str = "ddp", bus_gbps: float = BUS_GBPS) -> Plan:
     plan.flops_per_step = step_flops(cfg, global_batch)
-    plan.step_s = plan.flops_per_step / plan.world / (gpu_tflops * 1e12 * mfu)
+    plan.comm_s = comm_bytes(cfg, plan.world, plan.grad_accum, sharding) / (bus_gbps * 1e9)
+    plan.step_s = plan.flops_per_step / plan.world / (gpu_tflops * 1e12 * mfu) + plan.comm_s
     plan.epoch_s = plan.step_s * math.ceil(images / global_batch)
     return plan
 
@@ -269,7 +288,8 @@ def micro_batch_options(cfg: Config, world: int) -> list[int]:
 
 
 def plan_config(cfg: Config, world: int, gpu_memory_gb: float, sharding: str = "ddp", device: str = "cuda",
-                images: int = IMAGENET_TRAIN_IMAGES, gpu_tflops: float = GPU_TFLOPS, mfu: float = MFU) -> Plan:
+                images: int = IMAGENET_TRAIN_IMAGES, gpu_tflops: float = GPU_TFLOPS, mfu: float = MFU,
+                bus_gbps: float = BUS_GBPS) -> Plan:
     """The plan at the config's micro-batch; with train.micro_batch = auto, the largest that fits (or the smallest
     option when none does, so the caller can report what is missing)."""
     options = micro_batch_options(cfg, world)
@@ -284,7 +304,7 @@ def plan_config(cfg: Config, world: int, gpu_memory_gb: float, sharding: str = "
         plan = memory_plan(cfg, world, m, sharding, device, gpu_memory_gb)
         if plan.fits:
             break
-    return add_time(plan, cfg, global_batch_of(cfg, world), images, gpu_tflops, mfu)
+    return add_time(plan, cfg, global_batch_of(cfg, world), images, gpu_tflops, mfu, sharding, bus_gbps)
 
 
 def fix_hints(cfg: Config, world: int, gpu_memory_gb: float, sharding: str) -> list[str]:
@@ -320,7 +340,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
-def format_plan(cfg: Config, plan: Plan, sharding: str, gpu_tflops: float, mfu: float) -> str:
+def format_plan(cfg: Config, plan: Plan, sharding: str, gpu_tflops: float, mfu: float,
+                bus_gbps: float = BUS_GBPS) -> str:
     a = arch(cfg)
     lines = [f"VAR depth {a.depth}, width {a.width}, {a.params / 1e6:.0f}M parameters; objective "
              f"{cfg.train.objective} ({rows_per_image(cfg)} rows per image), {cfg.train.mixed_precision} autocast, "
@@ -333,7 +354,8 @@ def format_plan(cfg: Config, plan: Plan, sharding: str, gpu_tflops: float, mfu: 
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines += [f"  -> {plan.peak / GIB:.1f} GiB of {HEADROOM:.0%} x {plan.gpu_memory / GIB:.0f} GiB: {verdict}", "",
               f"time (assumed {gpu_tflops:g} TFLOPS per GPU at MFU {mfu:g}): {plan.flops_per_step / 1e12:.4g} TFLOP "
-              f"per step, {_duration(plan.step_s)} per step, {_duration(plan.epoch_s)} per epoch"]
+              f"per step, {_duration(plan.step_s)} per step (of which collectives {_duration(plan.comm_s)} at an "
+              f"assumed {bus_gbps:g} GB/s, not overlapped), {_duration(plan.epoch_s)} per epoch"]
     if not plan.fits:
         lines += ["to fit, change:"] + [f"  {h}" for h in fix_hints(cfg, plan.world, plan.gpu_memory / GIB, sharding)]
     return "\n".join(lines) + "\n"
@@ -349,12 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-tflops", type=float, default=GPU_TFLOPS, help="dense bf16 peak per GPU (H100: 989)")
     p.add_argument("--mfu", type=float, default=MFU, help="assumed model FLOPs utilisation")
     p.add_argument("--images", type=int, default=IMAGENET_TRAIN_IMAGES, help="images per epoch")
+    p.add_argument("--bus-gbps", type=float, default=BUS_GBPS,
+                   help="assumed NCCL bus bandwidth per GPU in GB/s (one NVLink node ~200; across nodes far less)")
     args = add_debug_flag(p).parse_args(argv)
     with reporting_user_errors(args.debug):
         cfg = load_config(args.cfg, args.set, check_files=False)
         plan = plan_config(cfg, args.gpus, args.gpu_memory, args.sharding, "cuda", args.images, args.gpu_tflops,
-                           args.mfu)
-        sys.stdout.write(format_plan(cfg, plan, args.sharding, args.gpu_tflops, args.mfu))
+                           args.mfu, args.bus_gbps)
+        sys.stdout.write(format_plan(cfg, plan, args.sharding, args.gpu_tflops, args.mfu, args.bus_gbps))
         return 0 if plan.fits else 1
 
 
