@@ -28,9 +28,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-from experiments.common import Scoring, cached_row, experiment_parser, trained_finetune, write_table  # noqa: E402
+from experiments.common import (Scoring, cached_row, experiment_parser, finetune_stage, trained_finetune,  # noqa: E402
+                                write_table)
 from eval.tables import markdown_table, mean_std, summarise  # noqa: E402
-from experiments.pipeline import reference_samples  # noqa: E402
+from experiments.pipeline import reference_samples, reference_samples_dir  # noqa: E402
 from var_mclr.files import atomic_write, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("experiments.frontier")
@@ -65,29 +66,38 @@ METRICS = ("fid", "precision", "recall", "class_accuracy")
 MNIST_DATA = {"name": "mnist", "resolution": 16, "num_classes": 10}
 
 
-def finetune_of(method: str, value: float, seed: int, root: Path, base: Path) -> Path:
-    """The fine-tuning a point samples: one per value, or the dial method's one for all its values."""
+def finetune_overrides(method: str, value: float, seed: int, root: Path, base: Path) -> list[str]:
+    """The overrides of the fine-tuning a point samples: one per value, or the dial method's one for all values."""
     knob = KNOBS[method]
     overrides = list(knob.overrides) if knob.at_sampling else [f"{knob.name}={value}"]
     if method == "ddo":
-        overrides.append(f"loss.ddo.samples={reference_samples(root, seed, base, MNIST_DATA)}")
-    return trained_finetune(method, seed, root, base, overrides)
+        overrides.append(f"loss.ddo.samples={reference_samples_dir(root, seed, base)}")
+    return overrides
+
+
+def point_run(method: str, value: float, seed: int, root: Path, scoring: Scoring) -> tuple[Path, dict]:
+    """Where a point's samples and row go, and how it is sampled (its fine-tuning named, not trained)."""
+    points = root / f"frontier-points-n{scoring.common.num_samples}"
+    if method == "cfg":
+        return points / f"{scoring.base.parent.name}-cfg{value:g}", {"guidance": "cfg", "cfg_scale": value}
+    _, ckpt = finetune_stage(method, seed, root, scoring.base, finetune_overrides(method, value, seed, root,
+                                                                                    scoring.base))
+    run = {"ckpt": str(ckpt), "guidance": "none", "cfg_scale": 0.0}
+    if KNOBS[method].at_sampling:
+        return points / f"{ckpt.parent.name}-strength{value:g}", {**run, "strength": value}
+    return points / ckpt.parent.name, run
 
 
 def point_metrics(method: str, value: float, seed: int, root: Path, scoring: Scoring) -> dict:
     """Metrics of one (method, knob value, seed) point; trained and scored once, then read back."""
-    points = root / f"frontier-points-n{scoring.common.num_samples}"
-    if method == "cfg":
-        out = points / f"{scoring.base.parent.name}-cfg{value:g}"  # one base per seed
-        run = {"guidance": "cfg", "cfg_scale": value}
-    else:
-        ckpt = finetune_of(method, value, seed, root, scoring.base)
-        run = {"ckpt": str(ckpt), "guidance": "none", "cfg_scale": 0.0}
-        out = points / ckpt.parent.name
-        if KNOBS[method].at_sampling:
-            out, run["strength"] = points / f"{ckpt.parent.name}-strength{value:g}", value
+    out, run = point_run(method, value, seed, root, scoring)
 
     def score():
+        if method != "cfg":
+            if method == "ddo":
+                reference_samples(root, seed, scoring.base, MNIST_DATA)
+            trained_finetune(method, seed, root, scoring.base,
+                             finetune_overrides(method, value, seed, root, scoring.base))
         metrics = scoring.metrics(out, seed=seed, **run)
         return {k: metrics.get(k) for k in METRICS}
 
@@ -96,8 +106,10 @@ def point_metrics(method: str, value: float, seed: int, root: Path, scoring: Sco
 
 def summarise_points(points: dict) -> dict:
     """method -> list of {value, metric: {mean, std, values}} in knob order."""
-    return {method: [{"value": value, **summarise(rows, METRICS)} for value, rows in by_value.items()]
-            for method, by_value in points.items()}
+    summary = {method: [{"value": value, "seeds": len(rows), **summarise(rows, METRICS)}
+                        for value, rows in by_value.items() if rows]
+               for method, by_value in points.items()}
+    return {method: entries for method, entries in summary.items() if entries}
 
 
 def _curve(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
     p.add_argument("--methods", nargs="*", default=list(KNOBS), choices=list(KNOBS))
     p.add_argument("--plot", default=None, help="also write the figure here (e.g. docs/frontier.png)")
+    p.add_argument("--scored-only", action="store_true",
+                   help="summarise the points already scored (each with its own number of seeds), train nothing")
     args = p.parse_args(argv)
     root = Path(args.root)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -164,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         scoring = Scoring.of_seed(root, seed, args.num_samples, accelerator)
         for method in args.methods:
             for value in KNOBS[method].values:
+                if args.scored_only and not (point_run(method, value, seed, root, scoring)[0] / "point.json").is_file():
+                    continue
                 row = point_metrics(method, value, seed, root, scoring)
                 points[method][value].append(row)
                 log.info("seed %d %s %s=%g: %s", seed, method, KNOBS[method].name, value, row)
@@ -197,16 +213,16 @@ def best_by_recall(summary: dict, n: int = 200) -> list[tuple[float, float, str]
 
 # The pairs the report compares at matched recall: MCLR against every other method, the dial against the separately
 # trained MCLR points (does one fine-tuning match them?) and GFT against the CFG it replaces.
-PAIRS = [("mclr", m) for m in KNOBS if m != "mclr"] + [("mclr_dial", "mclr"), ("gft", "cfg")]
+PAIRS = [("mclr", m) for m in KNOBS if m not in ("mclr", "mclr_dial")] + [("mclr_dial", "mclr"), ("gft", "cfg")]
 
 
 def report(summary: dict) -> tuple[str, dict]:
     """The table of every point (mean +- std over seeds), the pairs at matched recall and the best method at each
     recall."""
-    rows = [[method, KNOBS[method].name, f"{e['value']:g}",
+    rows = [[method, KNOBS[method].name, f"{e['value']:g}", str(e["seeds"]),
              *(mean_std(e.get(k)) for k in METRICS)]
             for method, entries in summary.items() for e in entries]
-    lines, verdicts = [markdown_table(["method", "knob", "value", *METRICS], rows).rstrip("\n")], {}
+    lines, verdicts = [markdown_table(["method", "knob", "value", "seeds", *METRICS], rows).rstrip("\n")], {}
     lines += ["", "At matched recall (mean FID gap, first minus second; negative = the first lower):", ""]
     for a, b in PAIRS:
         if a not in summary or b not in summary:

@@ -104,10 +104,14 @@ def finetune_runs(strengths: str, methods: tuple[str, ...] = FINETUNES,
     return runs
 
 
+def reference_samples_dir(root: Path, seed: int, base: Path) -> Path:
+    return root / f"ddo-samples-s{seed}-{file_sha256(base)[:8]}"
+
+
 def reference_samples(root: Path, seed: int, base: Path, data: dict) -> Path:
     """DDO's reference set of one base: as many of its own guidance-free samples as the training split has images,
     spread evenly over the classes, drawn once (a stage named by the base's weights) for every DDO row of that base."""
-    out = root / f"ddo-samples-s{seed}-{file_sha256(base)[:8]}"
+    out = reference_samples_dir(root, seed, base)
     if not out.exists():
         log.info("running stage -> %s", out)
         train_set = build_dataset(dataset_args(data), "train")
