@@ -211,6 +211,15 @@ def best_by_recall(summary: dict, n: int = 200) -> list[tuple[float, float, str]
     return [tuple(seg) for seg in segments]
 
 
+def pareto_points(summary: dict) -> list[tuple[str, float, float, float]]:
+    """(method, value, recall, FID) of every point no other point beats on both (higher recall and lower FID, by the
+    means), by recall: which method is best where, without interpolating a frontier whose recall zigzags."""
+    points = [(m, e["value"], e["recall"]["mean"], e["fid"]["mean"]) for m, entries in summary.items()
+              for e in entries]
+    front = [p for p in points if not any(q[2] >= p[2] and q[3] <= p[3] and q[2:] != p[2:] for q in points)]
+    return sorted(front, key=lambda p: p[2])
+
+
 # The pairs the report compares at matched recall: MCLR against every other method, the dial against the separately
 # trained MCLR points (does one fine-tuning match them?) and GFT against the CFG it replaces.
 PAIRS = [("mclr", m) for m in KNOBS if m not in ("mclr", "mclr_dial")] + [("mclr_dial", "mclr"), ("gft", "cfg")]
@@ -234,6 +243,9 @@ def report(summary: dict) -> tuple[str, dict]:
             lines.append(f"- {a} vs {b}: recall {v['overlap'][0]:.3f}-{v['overlap'][1]:.3f}, mean gap "
                          f"{v['mean_fid_gap']:+.2f}, {a} lower on {100 * v['a_lower_share']:.0f}% of it, "
                          f"crossings at {', '.join(f'{c:.3f}' for c in v['crossings']) or 'none'}")
+    front = verdicts["pareto"] = pareto_points(summary)
+    lines += ["", "Points no other point beats on both recall and FID (means), by recall:", ""]
+    lines += [f"- {m} {KNOBS[m].name} {v:g}: recall {r:.3f}, FID {f:.2f}" for m, v, r, f in front]
     segments = verdicts["best_by_recall"] = best_by_recall(summary)
     lines += ["", "Lowest mean FID at each recall (the methods whose frontier reaches it):", ""]
     lines += [f"- recall {a:.3f}-{b:.3f}: {m}" for a, b, m in segments]

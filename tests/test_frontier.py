@@ -1,7 +1,7 @@
 """The frontier verdict (experiments/frontier.py): FID compared at matched recall, crossings located."""
 import pytest
 
-from experiments.frontier import best_by_recall, matched_recall
+from experiments.frontier import best_by_recall, matched_recall, pareto_points
 
 
 def _entries(points):
@@ -34,3 +34,11 @@ def test_best_by_recall_hands_over_where_the_frontiers_cross():
     assert segments[0][0] == pytest.approx(0.1) and segments[-1][1] == pytest.approx(0.7)
     assert segments[1][0] == pytest.approx(0.4, abs=2e-3) and segments[1][1] == pytest.approx(0.6, abs=2e-3)
     assert segments[3][0] == pytest.approx(0.65, abs=2e-3)
+
+
+def test_pareto_points_keep_what_nothing_beats_on_both_recall_and_fid():
+    summary = {"a": _entries([(0.1, 5.0), (0.3, 9.0), (0.2, 12.0)]), "b": _entries([(0.25, 8.0), (0.4, 20.0)])}
+    front = pareto_points(summary)
+    # a@0.2 (FID 12) is beaten by b@0.25 (FID 8); a@0.3 (9) is kept: nothing has recall >= 0.3 and FID <= 9
+    assert [(m, r, f) for m, _, r, f in front] == [("a", 0.1, 5.0), ("b", 0.25, 8.0), ("a", 0.3, 9.0),
+                                                     ("b", 0.4, 20.0)]
