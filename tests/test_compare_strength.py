@@ -5,27 +5,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import tiny_vae, tiny_var
 from eval.compare import compare, main, plan_rows
 from eval.separation import main as separation_main
 from eval.settings import EvalSettings, SettingsError
-from var_mclr.checkpoints import save_model, weights_sha256
+from test_eval_strength import saved as saved_with_classes
 
 
 def saved(tmp_path, objective, conditioned=True):
-    """As tests/test_eval_strength.py's, with MNIST's 10 classes: scored by the shipped MNIST features (no classifier
-    to train) and separated on the embedded digits."""
-    vae = tiny_vae()
-    tok = save_model(vae, tmp_path / "tok")
-    record = {"checkpoint": str(tok), "weights_sha256": weights_sha256(vae), "config": vae.cfg.to_dict()}
-    var = tiny_var(vae, num_classes=10, strength_cond=conditioned)
-    if conditioned:
-        torch.manual_seed(2)
-        with torch.no_grad():
-            var.strength_emb.mlp[2].weight.normal_(0, 1.0)
-    return str(save_model(var, tmp_path / objective, extra={"objective": objective, "tokenizer": record}))
+    """tests/test_eval_strength.py's, with MNIST's 10 classes: scored by the shipped MNIST features (no classifier to
+    train) and separated on the embedded digits."""
+    return saved_with_classes(tmp_path, objective, conditioned, num_classes=10)
 
 
 def common(eval_cache):

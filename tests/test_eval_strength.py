@@ -13,12 +13,12 @@ from eval.settings import EvalSettings, SettingsError, add_eval_arguments
 from var_mclr.checkpoints import save_model, weights_sha256
 
 
-def saved(tmp_path, objective, conditioned=True):
+def saved(tmp_path, objective, conditioned=True, num_classes=4):
     """A tokenizer and a VAR saved as training saves them, recording `objective`."""
     vae = tiny_vae()
     tok = save_model(vae, tmp_path / "tok")
     record = {"checkpoint": str(tok), "weights_sha256": weights_sha256(vae), "config": vae.cfg.to_dict()}
-    var = tiny_var(vae, num_classes=4, strength_cond=conditioned)
+    var = tiny_var(vae, num_classes=num_classes, strength_cond=conditioned)
     if conditioned:
         torch.manual_seed(2)
         with torch.no_grad():
