@@ -198,6 +198,8 @@ def best_by_recall(summary: dict, n: int = 200) -> list[tuple[float, float, str]
     """Which method has the lowest interpolated mean FID at each recall, as (from, to, method) segments over the
     recall range of all methods; at each recall only the methods whose frontier reaches it take part."""
     curves = {m: _curve(entries) for m, entries in summary.items() if len(entries) > 1}
+    if not curves:  # single points: no frontier to interpolate
+        return []
     lo = min(r.min() for r, _ in curves.values())
     hi = max(r.max() for r, _ in curves.values())
     segments: list[list] = []

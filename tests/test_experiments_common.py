@@ -46,12 +46,16 @@ def test_the_pipeline_summary_gives_one_seed_its_mean_alone(tmp_path):
 def test_frontier_report_reads_mean_and_spread_over_seeds():
     rows = {"cfg": {1.0: [{"fid": 10.0, "recall": 0.2, "precision": 0.8}, {"fid": 12.0, "recall": 0.4,
                                                                             "precision": 0.6}]},
-            "mclr": {3.0: [{"fid": 8.0, "recall": 0.3, "precision": 0.7, "class_accuracy": None}]}}
+            "mclr": {3.0: [{"fid": 8.0, "recall": 0.35, "precision": 0.7, "class_accuracy": None}]}}
     summary = summarise_points(rows)
     assert summary["cfg"][0]["fid"]["mean"] == 11.0 and "class_accuracy" not in summary["mclr"][0]
     table, verdicts = report(summary)
     assert table.splitlines()[:4] == [
-        "| method | knob | value | fid | precision | recall | class_accuracy |", "|---|---|---|---|---|---|---|",
-        "| cfg | cfg_scale | 1 | 11 ± 1.4 | 0.7 ± 0.14 | 0.3 ± 0.14 | n/a |",
-        "| mclr | loss.mclr.lam | 3 | 8 ± 0 | 0.7 ± 0 | 0.3 ± 0 | n/a |"]
-    assert verdicts["cfg"]["overlap"] is None  # one point each: no recall range to compare over
+        "| method | knob | value | seeds | fid | precision | recall | class_accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+        "| cfg | cfg_scale | 1 | 2 | 11 ± 1.4 | 0.7 ± 0.14 | 0.3 ± 0.14 | n/a |",
+        "| mclr | loss.mclr.lam | 3 | 1 | 8 ± 0 | 0.7 ± 0 | 0.35 ± 0 | n/a |"]
+    assert verdicts["mclr vs cfg"]["overlap"] is None  # one point each: no recall range to compare over
+    assert verdicts["best_by_recall"] == []
+    # mclr (recall 0.35, FID 8) has the higher recall and the lower FID than cfg's mean (0.3, 11): cfg is beaten
+    assert [(m, v) for m, v, _, _ in verdicts["pareto"]] == [("mclr", 3.0)]
