@@ -69,6 +69,8 @@ STRENGTH_GRID = {"mclr": ("loss.mclr.lam", (10.0, 3.0, 1.0, 0.3)), "cca": ("loss
                  "cc_dpo": ("loss.cc_dpo.beta", (0.2, 0.6, 2.0, 6.0)),
                  "ddo": ("loss.ddo.beta", (0.02, 0.06, 0.2, 0.6))}
 DEFAULT_STRENGTHS = {"mnist": "tuned", "imagefolder": "sweep"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Finetune:
     """One row of the comparison: a fine-tuning stage (configs/<data>/<config>.yaml + overrides) and, for a
