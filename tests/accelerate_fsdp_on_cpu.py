@@ -14,6 +14,8 @@ import functools
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
+import gloo_average  # noqa: F401  (torch 2.8's gloo sums where FSDP2 asks it to average)
+
 _original_init = AcceleratorState.__init__
 
 

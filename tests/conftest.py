@@ -9,6 +9,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_configure(config):
+    """Triton's interpreter before 3.7 turns a runtime loop bound into an int the way NumPy 2.4 refuses
+    (triton-lang/triton#9171): every kernel test would fail with a TypeError, so say what to install instead."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_version = tuple(int(p) for p in version("triton").split(".")[:2])
+    except PackageNotFoundError:
+        return
+    numpy_version = tuple(int(p) for p in version("numpy").split(".")[:2])
+    if os.environ.get("TRITON_INTERPRET") == "1" and triton_version < (3, 7) and numpy_version >= (2, 4):
+        raise pytest.UsageError(f"the Triton {version('triton')} interpreter cannot run the kernel tests with numpy "
+                                f"{version('numpy')}: install numpy<2.4 (constraints/floors.txt) or Triton >= 3.7")
+
 from tokenizer import VQVAE, VQVAEConfig  # noqa: E402
 from var_mclr.model import VAR, VARConfig  # noqa: E402
 

@@ -10,7 +10,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gloo_average  # noqa: E402,F401  (torch 2.8's gloo sums where FSDP2 asks it to average)
 from var_mclr.model import VAR, VARConfig  # noqa: E402
 
 

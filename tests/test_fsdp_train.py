@@ -27,6 +27,9 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 # float32 on both: the only differences are reduction orders (all-reduce against reduce-scatter) and AdamW's, so
 # per-step losses agree to ~1e-6 relative; 1e-4 leaves room for four steps of drift and fails on any real error
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
+# A held-out log-ratio is a difference of two nlls of a few nats per token, near 0 here: float32 reduction order
+# moves it by ~1e-7 absolute (2.5e-7 between DDP and FSDP under torch 2.8 after 4 steps)
+LOG_RATIO_ATOL = 1e-6
 
 
 def _launch(kind: str, cfg: Path, cwd: Path) -> None:
@@ -76,7 +79,7 @@ def test_fsdp_logs_that_it_shards_and_trains_like_ddp_step_by_step(runs):
         keys = set(a) - {"tokens_per_s"}
         assert keys == set(b) - {"tokens_per_s"}
         for k in keys:
-            assert b[k] == pytest.approx(a[k], rel=LOSS_RTOL, abs=1e-7), (a["step"], k)
+            assert b[k] == pytest.approx(a[k], rel=LOSS_RTOL, abs=LOG_RATIO_ATOL), (a["step"], k)
     losses = [r["loss"] for r in ddp if "loss" in r]
     assert len(losses) == 4 and len(set(losses)) == 4  # the steps really changed the model
     assert all(r["grad_norm"] > 0.05 for r in ddp if "grad_norm" in r)  # the clip was active on every step
