@@ -203,13 +203,18 @@ def best_by_recall(summary: dict, n: int = 200) -> list[tuple[float, float, str]
     lo = min(r.min() for r, _ in curves.values())
     hi = max(r.max() for r, _ in curves.values())
     segments: list[list] = []
+    covered = False  # whether the previous recall had a frontier: a gap between frontiers ends a segment
     for x in np.linspace(lo, hi, n):
         fids = {m: np.interp(x, r, f) for m, (r, f) in curves.items() if r.min() <= x <= r.max()}
+        if not fids:
+            covered = False
+            continue
         best = min(fids, key=fids.get)
-        if segments and segments[-1][2] == best:
+        if covered and segments[-1][2] == best:
             segments[-1][1] = float(x)
         else:
             segments.append([float(x), float(x), best])
+        covered = True
     return [tuple(seg) for seg in segments]
 
 

@@ -36,6 +36,16 @@ def test_best_by_recall_hands_over_where_the_frontiers_cross():
     assert segments[3][0] == pytest.approx(0.65, abs=2e-3)
 
 
+def test_best_by_recall_leaves_a_gap_between_frontiers_out():
+    # seed 2 had only CC-DPO (recall 0.1-0.2) and DDO (0.5-0.6): no method at 0.3, and a's segment ends at 0.2
+    summary = {"a": _entries([(0.1, 5.0), (0.2, 6.0)]), "b": _entries([(0.5, 9.0), (0.6, 8.0)]),
+               "c": _entries([(0.55, 1.0), (0.6, 1.0)])}
+    segments = best_by_recall(summary, n=501)
+    assert [m for _, _, m in segments] == ["a", "b", "c"]
+    assert segments[0][1] == pytest.approx(0.2, abs=2e-3) and segments[1][0] == pytest.approx(0.5, abs=2e-3)
+    assert segments[1][1] == pytest.approx(0.55, abs=2e-3)
+
+
 def test_pareto_points_keep_what_nothing_beats_on_both_recall_and_fid():
     summary = {"a": _entries([(0.1, 5.0), (0.3, 9.0), (0.2, 12.0)]), "b": _entries([(0.25, 8.0), (0.4, 20.0)])}
     front = pareto_points(summary)
