@@ -65,8 +65,8 @@ def test_the_bf16_policy_gathers_bf16_keeps_fp32_between_blocks_and_trains_like_
 def test_the_plan_predicts_an_fsdp_process_s_cpu_peak_within_15_percent():
     # One launch measures one process's peak, which moves between launches of a case: over 5 launches of the first
     # case 3 to 5 gathered-block buffers were live at the peak (81-94 MB; 98.6 once under torch 2.8 and a loaded
-    # CPU), as gloo happened to release them; the plan counts the blocks FSDP2 itself keeps. The lower of two
-    # launches, predicted against measured, torch 2.14 and 2.8: -10.3% to +0.1%, -2.2% to +0.3%, -10.1% to +4.0%.
+    # CPU), as their release happened to fall; the plan counts the blocks FSDP2 keeps. The lower of two launches,
+    # predicted against measured, torch 2.14 and 2.8: -10.3% to +0.1%, -2.2% to +0.3%, -10.1% to +4.0%.
     rows = [min((_launch("fsdp_memory_worker.py", str(case))[-1] for _ in range(2)), key=lambda r: r["measured"])
             for case in range(3)]
     for row in rows:
