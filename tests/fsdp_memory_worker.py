@@ -1,7 +1,7 @@
 """Run by tests/test_fsdp_accelerate.py under `accelerate launch --config_file configs/accelerate/fsdp.yaml
 --num_processes 2` (CPU, gloo; tests/accelerate_fsdp_on_cpu.py): the peak CPU memory of one process building a VAR,
 having accelerate shard it and taking two AdamW steps, as var_mclr/memprobe.py measures train.py's single-process
-steps, beside the memory plan's FSDP prediction (var_mclr/plan.py). Rank 0 prints one JSON line per case."""
+steps, beside the memory plan's FSDP prediction (var_mclr/plan.py). Rank 0 prints the case's JSON line."""
 import json
 import os
 import sys
