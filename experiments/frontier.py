@@ -1,6 +1,7 @@
 """Strength frontiers on the embedded MNIST: every method's strength knob swept, FID and precision against recall.
 
     python -m experiments.frontier --seeds 0 1 2 --num-samples 5000
+    python -m experiments.frontier --from-summary runs/folder-NAME/summary-HASH/summary.json   # a folder's pipeline
 
 Each method keeps its tuned settings (configs/mnist/*.yaml, chosen by experiments/sweep.py) and varies one knob over
 values fixed here before any run (KNOBS): CFG's scale w on the base; MCLR's lam at its tuned cap, CCA's lam at its
@@ -11,13 +12,16 @@ base, guided), scored in the shipped classifier's features with the same seed an
 Decision rule, stated before running: at matched recall, lower FID wins. The comparison interpolates each method's
 mean FID linearly in recall over the recall range both methods cover, and reports the mean FID gap there and the
 recalls where the frontiers cross (PAIRS), and which method is lowest at each recall. Writes frontier.md /
-frontier.json under ROOT/frontier-n{N}-s{seeds} and the plot to docs/frontier.png (--plot).
+frontier.json under ROOT/frontier-n{N}-s{seeds} and the plot to docs/frontier.png (--plot). --from-summary makes
+the same report from the rows an image folder's pipeline run already scored (experiments/pipeline.py, --methods),
+written beside that summary.json; it trains and samples nothing.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import matplotlib
@@ -163,6 +167,34 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# A pipeline row's name: base+cfg<w>, or <method>-<knob leaf><value> (experiments/pipeline.py, finetune_runs).
+PIPELINE_ROW = re.compile(r"^(?:base\+cfg|(?P<method>[a-z_]+)-[a-z_]+?)(?P<value>\d[\d.e+-]*)$")
+
+
+def points_of_pipeline(summary: dict) -> dict:
+    """A pipeline summary.json (row name -> metric -> spread over seeds) as the frontier's points by method, each
+    in knob order; the base and the nll control have no knob and are left out."""
+    points: dict[str, list[dict]] = {}
+    for name, row in summary.items():
+        match = PIPELINE_ROW.match(name)
+        method = match and (match["method"] or "cfg")
+        if method not in KNOBS or "fid" not in row or "recall" not in row:
+            continue
+        points.setdefault(method, []).append({"value": float(match["value"]), "seeds": len(row["fid"]["values"]),
+                                              **{k: row[k] for k in METRICS if k in row}})
+    return {method: sorted(entries, key=lambda e: e["value"]) for method, entries in points.items()}
+
+
+def write_report(summary: dict, out: Path, extra: dict, plot_path: str | None) -> None:
+    table, verdicts = report(summary)
+    write_table(out / "frontier.md", table)
+    write_text_atomic(out / "frontier.json", json.dumps({"summary": summary, "matched_recall": verdicts, **extra},
+                                                        indent=2))
+    plot(summary, out / "frontier.png")
+    if plot_path:
+        plot(summary, Path(plot_path))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = experiment_parser(__doc__, num_samples=5000)
     p.add_argument("--seeds", nargs="*", type=int, default=[0])
@@ -170,7 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default=None, help="also write the figure here (e.g. docs/frontier.png)")
     p.add_argument("--scored-only", action="store_true",
                    help="summarise the points already scored (each with its own number of seeds), train nothing")
+    p.add_argument("--from-summary", metavar="SUMMARY_JSON",
+                   help="report on a folder's pipeline run (its summary.json) instead, beside it; train nothing")
     args = p.parse_args(argv)
+    if args.from_summary:
+        path = Path(args.from_summary)
+        if not path.is_file():
+            raise SystemExit(f"--from-summary {path}: no such file (the pipeline writes runs/.../summary-*/summary.json)")
+        write_report(points_of_pipeline(json.loads(path.read_text())), path.parent, {"source": str(path)}, args.plot)
+        return
     root = Path(args.root)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     points: dict[str, dict[float, list[dict]]] = {m: {v: [] for v in KNOBS[m].values} for m in args.methods}
@@ -185,13 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.info("seed %d %s %s=%g: %s", seed, method, KNOBS[method].name, value, row)
     summary = summarise_points(points)
     out = root / f"frontier-n{args.num_samples}-s{'-'.join(map(str, args.seeds))}"
-    table, verdicts = report(summary)
-    write_table(out / "frontier.md", table)
-    write_text_atomic(out / "frontier.json", json.dumps({"summary": summary, "matched_recall": verdicts,
-                                                          "seeds": args.seeds}, indent=2))
-    plot(summary, out / "frontier.png")
-    if args.plot:
-        plot(summary, Path(args.plot))
+    write_report(summary, out, {"seeds": args.seeds}, args.plot)
 
 
 def best_by_recall(summary: dict, n: int = 200) -> list[tuple[float, float, str]]:
