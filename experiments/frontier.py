@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_summary:
         path = Path(args.from_summary)
         if not path.is_file():
-            raise SystemExit(f"--from-summary {path}: no such file (the pipeline writes runs/.../summary-*/summary.json)")
+            raise SystemExit(f"--from-summary {path}: no such file (a pipeline run writes summary-*/summary.json)")
         write_report(points_of_pipeline(json.loads(path.read_text())), path.parent, {"source": str(path)}, args.plot)
         return
     root = Path(args.root)
