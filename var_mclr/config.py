@@ -161,8 +161,8 @@ class TrainConfig:
     max_nonfinite_in_row: int = 10
     kernels: str = "auto"  # auto | naive | chunked | triton: the token log-prob implementation
     # CPU only: flush subnormal floats to zero. Once a mismatched class's tokens become very unlikely (smooth or no
-    # cap), subnormals appear and slowed CPU training 4-5x in a measured run; off by default so the documented
-    # demo numbers reproduce bit for bit.
+    # cap, CC-DPO at a large beta), subnormals appear and slowed CPU training 4-5x in measured runs (docs/
+    # performance.md, "Subnormal floats"). configs/folder turns it on; off here so the demo's numbers stay as given.
     flush_denormal: bool = False
     # torch.compile the transformer blocks (VAR.compile_blocks); checkpoints are unchanged. README "Performance"
     # gives the measured CPU speed-up and the compile time.
