@@ -29,7 +29,7 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
 # A log-ratio or margin is a difference of two log-likelihoods of a few nats per token, near 0 here: float32
 # reduction order and the CPU's GEMM blocking move it by up to 1.9e-6 absolute after 2 steps (an AVX-512 Xeon; 2.5e-7
-# under torch 2.8 on an earlier machine). One step moves the margin by ~3e-3 here, so a wrong gradient shows far above
+# under torch 2.8 on an earlier machine). One step moves the margin by ~3e-3 here: a wrong gradient shows far above 1e-5
 LOG_RATIO_ATOL = 1e-5
 
 
