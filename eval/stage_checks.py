@@ -76,11 +76,16 @@ def tokenizer_problem(report: dict) -> str | None:
     # The suggestion: the same downsampling at twice the resolution, one scale more (a latent twice as fine).
     scales, res = report.get("patch_nums", [8]), report.get("resolution", 16)
     finer = ",".join(str(p) for p in [*scales, 2 * scales[-1]])
+    # More steps can only help a tokenizer that ran to its ceiling, not one that stopped on its held-out MSE.
+    steps_run, ceiling = report.get("steps_run"), report.get("steps_ceiling")
+    longer = (f" (more steps would not help: it stopped improving after step {steps_run} of at most {ceiling})"
+              if steps_run is not None and ceiling is not None and steps_run < ceiling
+              else " or a higher ceiling tokenizer_train.steps")
     return (f"the tokenizer loses the classes: the own-data classifier recognises {rec:.3f} of its held-out "
             f"reconstructions against {orig:.3f} of the originals (below {RECON_ACCURACY_RATIO:g}x; reconstruction "
             f"MSE {report['recon_mse']:.4f}, {report['codebook_usage']:.0%} of the codebook used), so no VAR was "
             f"trained; give the tokenizer a finer latent (e.g. --set data.resolution={2 * res} --set "
-            f"\"tokenizer.v_patch_nums=[{finer}]\") or a higher ceiling tokenizer_train.steps (docs/folders.md)")
+            f"\"tokenizer.v_patch_nums=[{finer}]\"){longer} (docs/folders.md)")
 
 
 def evaluator_problem(heldout_accuracy: float | None) -> str | None:

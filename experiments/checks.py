@@ -15,6 +15,7 @@ from experiments.stages import PipelineError
 from var_mclr.checkpoints import load_model
 from var_mclr.config import Config
 from var_mclr.files import write_text_atomic
+from var_mclr.train_state import checkpoint_dirs, step_of
 
 log = logging.getLogger("experiments.checks")
 
@@ -52,6 +53,9 @@ def check_tokenizer(cfg: Config, tok: Path, root: Path, enforce: bool) -> dict:
     classes."""
     report = cached_report(tok.parent / "tokenizer_report.json", lambda: tokenizer_report(
         load_model(tok), data_of_section(dataclasses.asdict(cfg.data)), root / "cache"))
+    saved = [step_of(d) for d in checkpoint_dirs(tok.parent)]  # the newest is where it stopped (or its ceiling)
+    if saved:
+        report = {**report, "steps_run": max(saved), "steps_ceiling": cfg.tokenizer_train.steps}
     log.info("tokenizer check: %s", json.dumps({k: v for k, v in report.items() if k != "version"}))
     weak = evaluator_problem(report["evaluator_heldout_accuracy"])
     if weak:

@@ -119,3 +119,14 @@ def test_codebook_histogram_counts_every_scale_token():
     vae = tiny_vae(vocab_size=16)
     rec, counts = reconstruct(vae, torch.rand(5, 3, 16, 16) * 2 - 1, batch_size=2)
     assert rec.shape == (5, 3, 16, 16) and counts.sum() == 5 * sum(p * p for p in vae.patch_nums)
+
+
+def test_the_tokenizer_message_suggests_more_steps_only_to_a_tokenizer_that_reached_its_ceiling():
+    lost = {"original_accuracy": 0.915, "recon_accuracy": 0.725, "recon_mse": 0.015, "codebook_usage": 0.95,
+            "patch_nums": [1, 2, 4, 8, 16], "resolution": 32}
+    stopped = tokenizer_problem({**lost, "steps_run": 1300, "steps_ceiling": 2000})
+    assert "tokenizer_train.steps" not in stopped and "after step 1300 of at most 2000" in stopped
+    assert '--set data.resolution=64 --set "tokenizer.v_patch_nums=[1,2,4,8,16,32]"' in stopped
+    for ran_out in ({**lost, "steps_run": 2000, "steps_ceiling": 2000}, lost):  # at its ceiling, or not known
+        assert "a higher ceiling tokenizer_train.steps" in tokenizer_problem(ran_out)
+    assert tokenizer_problem({**lost, "recon_accuracy": 0.74}) is None  # 0.74 >= 0.8 x 0.915
