@@ -120,6 +120,7 @@ def main() -> None:
     out.update(nonfinite_check(acc, var))
     if acc.is_main_process:
         print(json.dumps(out))
+    acc.end_training()  # destroys the gloo group before exit: without it rank 1 can abort there (pytorch#190489)
 
 
 def resume_check(acc, full, full_opt, var, opt) -> dict:
@@ -201,6 +202,7 @@ def bf16_main() -> None:
         ref_losses.append(float(ref_loss))
     if acc.is_main_process:
         print(json.dumps({**seen, "master": str(var.head.weight.dtype), "losses": losses, "ref_losses": ref_losses}))
+    acc.end_training()
 
 
 if __name__ == "__main__":
