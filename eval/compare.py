@@ -144,8 +144,11 @@ def run_rows(rows: list[dict], common: EvalSettings, out_dir: Path, data_name: s
         if row["ckpt"] not in separations:
             vae, var, _ = _load(row["ckpt"], common)
             separations[row["ckpt"]] = separation(var.to(device), vae.to(device), *heldout)
+        # the digests let seeds compared apart be pooled only on one tokenizer and evaluator (combine_seeds)
         results.append({**row, **record["metrics"], **separations[row["ckpt"]],
-                        "feature_network": record["feature_network"]["description"]})
+                        "feature_network": record["feature_network"]["description"],
+                        "feature_network_sha256": record["feature_network"]["weights_sha256"],
+                        "tokenizer_weights_sha256": record["checkpoint"]["vae_weights_sha256"]})
         log.info("%s: %s", row["name"], {k: results[-1].get(k) for k in COLUMNS})
     return results
 

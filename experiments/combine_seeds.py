@@ -5,8 +5,8 @@
     python -m experiments.frontier --from-summary DIR/summary.json
 
 Each input is one seed's results.json (eval/compare.py, under the pipeline's compare-s<seed>-... directory). The
-seeds must have compared the same rows, in the same order, each with its own base: a file given twice, or two
-comparisons of one base, would count one seed twice. Writes DIR/summary.{md,json} and DIR/best.md (the pipeline's
+seeds must have compared the same rows, in the same order, on one tokenizer and one feature network, each with its
+own base: a file given twice, or two comparisons of one base, would count one seed twice. Writes DIR/summary.{md,json} and DIR/best.md (the pipeline's
 own formats, experiments/pipeline.py) into a directory that holds no summary yet.
 """
 from __future__ import annotations
@@ -39,14 +39,25 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
+# What one FID scale rests on, by results.json key: a mean over seeds is one only where every seed shares them (the
+# same stage trained on another CPU type gives another tokenizer and evaluator: docs/unseen_folders.md).
+SHARED = {"tokenizer_weights_sha256": "tokenizer", "feature_network_sha256": "feature network",
+          "feature_network": "feature network"}
+
+
 def check_seeds(per_seed: list[list[dict]], paths: list[Path]) -> None:
-    """The same rows in every seed, and a distinct base per seed."""
+    """The same rows in every seed, one tokenizer and one feature network (where the files record them), and a
+    distinct base per seed."""
     names = [r["name"] for r in per_seed[0]]
     bases: dict[str, Path] = {}
     for rows, path in zip(per_seed, paths):
         if [r["name"] for r in rows] != names:
             raise CombineError(f"{path}: its rows are not those of {paths[0]} (the seeds must compare the same "
                                "models and strengths)")
+        for key, what in SHARED.items():
+            if key in rows[0] and key in per_seed[0][0] and rows[0][key] != per_seed[0][0][key]:
+                raise CombineError(f"{path}: its {what} ({key}) is not that of {paths[0]}: FIDs on different "
+                                   f"{what}s are not one scale, so these seeds cannot be pooled")
         base = rows[0]["ckpt"]
         if base in bases:
             raise CombineError(f"{path}: compares the base {base}, as {bases[base]} does: one seed counted twice")

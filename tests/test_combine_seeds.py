@@ -12,8 +12,8 @@ FIDS = {0: {"base": 120.0, "base+cfg0.5": 70.0, "mclr-lam10": 90.0, "mclr-lam3":
         1: {"base": 130.0, "base+cfg0.5": 76.0, "mclr-lam10": 99.0, "mclr-lam3": 93.0}}
 
 
-def seed_results(tmp_path, seed, names=None, base=None):
-    rows = [{"name": name, "ckpt": (base or f"runs/pretrain-s{seed}/ckpt.safetensors") if name.startswith("base")
+def seed_results(tmp_path, seed, names=None, base=None, shared=None):
+    rows = [{**(shared or {}), "name": name, "ckpt": (base or f"runs/pretrain-s{seed}/ckpt.safetensors") if name.startswith("base")
              else f"runs/{name}-s{seed}/ckpt.safetensors", "fid": fid, "recall": 0.3 + 0.01 * i + 0.1 * seed,
              "precision": 0.9, "class_accuracy": 0.99}
             for i, (name, fid) in enumerate(FIDS[seed].items()) if names is None or name in names]
@@ -82,3 +82,22 @@ def test_unreadable_or_single_inputs_are_refused(tmp_path):
         combine([bad, seed_results(tmp_path, 1)], tmp_path / "out")
     with pytest.raises(ValueError, match="two or more"):
         combine([seed_results(tmp_path, 0)], tmp_path / "out")
+
+
+@pytest.mark.parametrize("key", ["tokenizer_weights_sha256", "feature_network_sha256", "feature_network"])
+def test_seeds_on_another_tokenizer_or_evaluator_are_refused(tmp_path, key):
+    # the same stage trained on another CPU type: another tokenizer, another evaluator, another FID scale
+    shared = {"tokenizer_weights_sha256": "aa", "feature_network_sha256": "bb", "feature_network": "cnn, acc 0.973"}
+    first = seed_results(tmp_path, 0, shared=shared)
+    other = seed_results(tmp_path, 1, shared={**shared, key: "other"})
+    with pytest.raises(ValueError, match=f"{other}: its .*\\({key}\\) is not that of {first}.*cannot be pooled"):
+        combine([first, other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_older_file_without_digests_is_compared_on_what_both_record(tmp_path):
+    described = {"feature_network": "cnn, acc 0.973"}
+    old = seed_results(tmp_path, 0, shared=described)
+    new = seed_results(tmp_path, 1, shared={**described, "tokenizer_weights_sha256": "aa"})
+    combine([old, new], tmp_path / "out")
+    assert (tmp_path / "out" / "summary.json").is_file()

@@ -10,7 +10,7 @@ from eval.compare import compare
 from eval.features import file_reference, mnist_net
 from eval.fid import evaluate
 from eval.settings import EvalSettings
-from var_mclr.checkpoints import save_model
+from var_mclr.checkpoints import load_tokenizer, save_model, weights_sha256
 
 
 def models(tmp_path):
@@ -57,6 +57,9 @@ def test_compare_builds_table_plot_and_grid(tmp_path, eval_cache):
     for name in ("table.csv", "results.json", "fid_vs_cfg.png", "grid.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     assert all(0 <= r["implicit_classifier_accuracy"] <= 1 for r in results)
+    # what the rows' FIDs rest on, for experiments/combine_seeds.py: the tokenizer's weights and the evaluator's
+    assert {r["tokenizer_weights_sha256"] for r in results} == {weights_sha256(load_tokenizer(tok))}
+    assert len({r["feature_network_sha256"] for r in results}) == 1
 
 
 def test_references_of_the_wrong_resolution_or_feature_size_are_refused(tmp_path, eval_cache):
