@@ -44,6 +44,7 @@ from eval.shards import (Shard, fingerprint, images_of_classes, read_shard, shar
 from var_mclr.errors import UserError, reporting_user_errors
 from var_mclr.files import file_sha256, write_text_atomic
 from var_mclr.hub import local_path
+from var_mclr.machine import machine_record
 from var_mclr.run_dir import run_dir_lock
 
 log = logging.getLogger("eval.fid")
@@ -183,6 +184,7 @@ def eval_record(args: EvalSettings, sampling, var, provenance: dict, net: Featur
                             "class_accuracy": net.class_accuracy_basis(var.num_classes)[1]},
         "reference": ref.record() if ref is not None else None,  # None: a process other than the main one
         "code_version": code_version(),
+        "machine": machine_record(),
         "metrics": {},
     }
 

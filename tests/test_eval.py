@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_vae, tiny_var
 from eval.compare import compare
@@ -30,6 +31,7 @@ def test_fid_script_writes_samples_grid_and_provenance(tmp_path, eval_cache):
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["metrics"] == record["metrics"] and saved["settings"]["sampling"]["guidance"] == "cfg"
     assert saved["checkpoint"]["var_sha256"] and saved["feature_network"]["weights_sha256"]
+    assert saved["machine"]["cpu"] and saved["machine"]["torch"] == torch.__version__
     assert "NOT Inception FID" in saved["feature_network"]["description"]
     m = saved["metrics"]
     assert m["transformer_passes_per_image"] == 2 * 4 and m["fid"] > 0 and 0 <= m["precision"] <= 1

@@ -13,6 +13,7 @@ from test_train import metrics, tiny_run_tree, write_cfg
 from var_mclr.checkpoints import CheckpointError, read_model_info
 from var_mclr.config import ConfigError, load_config
 from var_mclr.data import build_dataset
+from var_mclr.machine import cpu_model, machine_record
 from var_mclr.train import steps_for_epochs, train
 
 TRACKED = {"heldout_nll", "heldout_log_ratio", "train_nll", "train_log_ratio"}
@@ -55,6 +56,8 @@ def test_keep_best_heldout_returns_the_lowest_heldout_nll_and_survives_a_resume(
     best = min(rows, key=lambda r: r["heldout_nll"])
     selected = read_model_info(full)["selected"]
     assert selected == {"step": best["step"] + 1, "heldout_nll": best["heldout_nll"]}
+    # weights are bit-identical only on one CPU type and thread count, so the result names both
+    assert read_model_info(full)["machine"] == machine_record() and machine_record()["cpu"] == cpu_model() != ""
     assert same_weights(full, tmp_path / "full" / "best.safetensors")
     if selected["step"] != 12:  # then the result is not simply the last weights
         assert not same_weights(full, tmp_path / "full" / "checkpoints" / "step_0000012" / "model.safetensors")

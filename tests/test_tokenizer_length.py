@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_own_data import make_folder
 from var_mclr.checkpoints import load_model
@@ -29,6 +30,7 @@ def test_a_tokenizer_that_stops_improving_stops_early_and_keeps_its_best(tmp_pat
     out = train_tokenizer(load_config(REPO / "configs/folder/tokenizer.yaml", sets(root, tmp_path / "a", 1e-12)))
     info = json.loads((tmp_path / "a" / "model.json").read_text())
     assert info["steps_run"] == 2 * (PATIENCE + 1) and info["steps"] == 200
+    assert info["machine"]["torch_threads"] == torch.get_num_threads() and info["machine"]["cpu"]
     assert info["selected"]["step"] in range(2, 2 * (PATIENCE + 2), 2) and info["selected"]["heldout_mse"] > 0
     assert tensors_sha256(load_model(out).state_dict()) == \
         tensors_sha256(load_model(tmp_path / "a" / "best.safetensors").state_dict())

@@ -36,6 +36,7 @@ from var_mclr.data import build_dataset, dataset_args
 from var_mclr.errors import UserError
 from var_mclr.files import write_text_atomic
 from var_mclr.heldout import HeldoutTracker, is_improvement
+from var_mclr.machine import machine_record
 from var_mclr.objectives import Objective, get_objective, objective_loss
 from var_mclr.objectives.base import RowSource
 from var_mclr.optim import make_optimizer, make_scheduler
@@ -475,7 +476,7 @@ def finish(run: Run, loop: LoopState) -> Path:
     final = run.out_dir / "model.safetensors"
     extra = {"objective": cfg.train.objective, "steps": cfg.train.steps, "source_config": cfg.to_dict(),
              "inputs": run.inputs, "config_history": loop.history,
-             "tokenizer": tokenizer_record(cfg.tokenizer.checkpoint, run.vae)}
+             "tokenizer": tokenizer_record(cfg.tokenizer.checkpoint, run.vae), "machine": machine_record()}
     if cfg.train.keep == "best_heldout":
         _load_best(sharding.restorable(run.accelerator, run.model, run.optimizer)[0], run.out_dir, loop.best)
         extra["selected"] = loop.best

@@ -36,6 +36,7 @@ from var_mclr.batches import RankBatchSampler, step_generator
 from var_mclr.checkpoints import is_complete_result, parameters_in, require_finite, save_model
 from var_mclr.config import Config, ConfigError, run_from_command_line, save_config, vqvae_config
 from var_mclr.data import build_dataset, dataset_args  # the data VAR training reads, exactly
+from var_mclr.machine import machine_record
 from var_mclr.run_dir import RunDirError, check_resume, claim_run_dir, record_changes, run_dir_lock
 from var_mclr.tokenizer_heldout import ReconstructionStopper
 from var_mclr.train_state import resume_newest, save_training_state
@@ -226,7 +227,8 @@ def finish(run: TokenizerRun, loop: TokenizerLoop) -> Path:
     if not math.isfinite(loop.rec_value):
         raise ConfigError(f"the tokenizer's reconstruction loss ended non-finite ({loop.rec_value}); nothing was "
                           "saved; lower tokenizer_train.lr")
-    extra = {"steps": run.cfg.tokenizer_train.steps, "final_rec_loss": loop.rec_value, "config_history": loop.history}
+    extra = {"steps": run.cfg.tokenizer_train.steps, "final_rec_loss": loop.rec_value, "config_history": loop.history,
+             "machine": machine_record()}
     if run.stopper is not None and run.stopper.best is not None:
         extra.update(steps_run=loop.done, selected=run.stopper.load_best(vae, run.out_dir))
     require_finite(parameters_in(vae, vae.state_dict()), "the trained tokenizer")
