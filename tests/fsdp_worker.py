@@ -60,6 +60,9 @@ def main() -> None:
         print(json.dumps({"ddp": ddp_losses, "fsdp": fsdp_losses, "head_local": head_local,
                           "head_full": tuple(full["head.weight"].shape), "same_keys": set(full) == set(ddp_state),
                           "max_state_diff": max(diffs.values())}))
+    # no rank tears the group down while its peer still works: rank 1 aborted at exit without it ("terminate called
+    # without an active exception"), as var_mclr/train.py's finish did before its own barrier
+    dist.barrier()
     dist.destroy_process_group()
 
 
