@@ -6,8 +6,9 @@
 
 Each input is one seed's results.json (eval/compare.py, under the pipeline's compare-s<seed>-... directory). The
 seeds must have compared the same rows, in the same order, on one tokenizer and one feature network, each with its
-own base: a file given twice, or two comparisons of one base, would count one seed twice. Writes DIR/summary.{md,json} and DIR/best.md (the pipeline's
-own formats, experiments/pipeline.py) into a directory that holds no summary yet.
+own base: a file given twice, or two comparisons of one base, would count one seed twice. Writes
+DIR/summary.{md,json} and DIR/best.md (the pipeline's own formats, experiments/pipeline.py) into a directory that
+holds no summary yet.
 """
 from __future__ import annotations
 
