@@ -13,7 +13,8 @@ FIDS = {0: {"base": 120.0, "base+cfg0.5": 70.0, "mclr-lam10": 90.0, "mclr-lam3":
 
 
 def seed_results(tmp_path, seed, names=None, base=None, shared=None):
-    rows = [{**(shared or {}), "name": name, "ckpt": (base or f"runs/pretrain-s{seed}/ckpt.safetensors") if name.startswith("base")
+    rows = [{**(shared or {}), "name": name,
+             "ckpt": (base or f"runs/pretrain-s{seed}/ckpt.safetensors") if name.startswith("base")
              else f"runs/{name}-s{seed}/ckpt.safetensors", "fid": fid, "recall": 0.3 + 0.01 * i + 0.1 * seed,
              "precision": 0.9, "class_accuracy": 0.99}
             for i, (name, fid) in enumerate(FIDS[seed].items()) if names is None or name in names]
