@@ -120,7 +120,10 @@ def main() -> None:
     out.update(nonfinite_check(acc, var))
     if acc.is_main_process:
         print(json.dumps(out))
-    acc.end_training()  # destroys the gloo group before exit: without it rank 1 can abort there (pytorch#190489)
+    # every rank past its last collective, then the gloo group destroyed before exit: without the destroy rank 1 can
+    # abort there (pytorch#190489), and without the barrier rank 0 still did in a fresh clone's make test
+    acc.wait_for_everyone()
+    acc.end_training()
 
 
 def resume_check(acc, full, full_opt, var, opt) -> dict:
@@ -202,6 +205,7 @@ def bf16_main() -> None:
         ref_losses.append(float(ref_loss))
     if acc.is_main_process:
         print(json.dumps({**seen, "master": str(var.head.weight.dtype), "losses": losses, "ref_losses": ref_losses}))
+    acc.wait_for_everyone()
     acc.end_training()
 
 
