@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import accelerate_fsdp_on_cpu  # noqa: E402,F401
+from gloo_exit import run_and_exit  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from var_mclr import sharding  # noqa: E402
@@ -210,4 +211,4 @@ def bf16_main() -> None:
 
 
 if __name__ == "__main__":
-    bf16_main() if sys.argv[1:] == ["bf16"] else main()
+    run_and_exit(bf16_main if sys.argv[1:] == ["bf16"] else main)  # tests/gloo_exit.py

@@ -7,7 +7,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import accelerate_fsdp_on_cpu  # noqa: E402,F401  (patches accelerate before train.py builds its Accelerator)
+from gloo_exit import run_and_exit  # noqa: E402
 from var_mclr.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)  # tests/gloo_exit.py: gloo can abort the interpreter's finalization

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import accelerate_fsdp_on_cpu  # noqa: E402,F401
 from accelerate import Accelerator  # noqa: E402
 
+from gloo_exit import run_and_exit  # noqa: E402
 from test_plan import _small  # noqa: E402
 from var_mclr import plan as plan_mod  # noqa: E402
 from var_mclr import sharding  # noqa: E402
@@ -76,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)  # tests/gloo_exit.py: gloo can abort the interpreter's finalization

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gloo_average  # noqa: E402,F401  (torch 2.8's gloo sums where FSDP2 asks it to average)
+from gloo_exit import run_and_exit  # noqa: E402
 from var_mclr.model import VAR, VARConfig  # noqa: E402
 
 
@@ -60,11 +61,9 @@ def main() -> None:
         print(json.dumps({"ddp": ddp_losses, "fsdp": fsdp_losses, "head_local": head_local,
                           "head_full": tuple(full["head.weight"].shape), "same_keys": set(full) == set(ddp_state),
                           "max_state_diff": max(diffs.values())}))
-    # no rank tears the group down while its peer still works: rank 1 aborted at exit without it ("terminate called
-    # without an active exception"), as var_mclr/train.py's finish did before its own barrier
-    dist.barrier()
+    dist.barrier()  # no rank tears the group down while its peer still works
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)  # tests/gloo_exit.py: gloo can abort the interpreter's finalization
