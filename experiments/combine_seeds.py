@@ -41,9 +41,23 @@ def read_results(path: Path) -> list[dict]:
 
 
 # What one FID scale rests on, by results.json key: a mean over seeds is one only where every seed shares them (the
-# same stage trained on another CPU type gives another tokenizer and evaluator: docs/unseen_folders.md).
-SHARED = {"tokenizer_weights_sha256": "tokenizer", "feature_network_sha256": "feature network",
-          "feature_network": "feature network"}
+# same stage trained on another CPU type gives another tokenizer and evaluator: docs/unseen_folders.md). The
+# description stands in for the evaluator's digest only in older files without one: it names the classifier's cache
+# file, whose key holds the image files' modification times, so a rebuilt folder renames the same weights.
+SHARED = {"tokenizer_weights_sha256": "tokenizer", "feature_network_sha256": "feature network"}
+DESCRIBED = {"feature_network": ("feature network", "feature_network_sha256")}
+
+
+def _differs(row: dict, first: dict) -> tuple[str, str] | None:
+    """The first key of SHARED or DESCRIBED on which the two rows' records differ, with what it names."""
+    for key, what in SHARED.items():
+        if key in row and key in first and row[key] != first[key]:
+            return key, what
+    for key, (what, digest) in DESCRIBED.items():
+        has_digests = digest in row and digest in first
+        if not has_digests and key in row and key in first and row[key] != first[key]:
+            return key, what
+    return None
 
 
 def check_seeds(per_seed: list[list[dict]], paths: list[Path]) -> None:
@@ -55,10 +69,11 @@ def check_seeds(per_seed: list[list[dict]], paths: list[Path]) -> None:
         if [r["name"] for r in rows] != names:
             raise CombineError(f"{path}: its rows are not those of {paths[0]} (the seeds must compare the same "
                                "models and strengths)")
-        for key, what in SHARED.items():
-            if key in rows[0] and key in per_seed[0][0] and rows[0][key] != per_seed[0][0][key]:
-                raise CombineError(f"{path}: its {what} ({key}) is not that of {paths[0]}: FIDs on different "
-                                   f"{what}s are not one scale, so these seeds cannot be pooled")
+        differs = _differs(rows[0], per_seed[0][0])
+        if differs:
+            key, what = differs
+            raise CombineError(f"{path}: its {what} ({key}) is not that of {paths[0]}: FIDs on different "
+                               f"{what}s are not one scale, so these seeds cannot be pooled")
         base = rows[0]["ckpt"]
         if base in bases:
             raise CombineError(f"{path}: compares the base {base}, as {bases[base]} does: one seed counted twice")

@@ -85,7 +85,7 @@ def test_unreadable_or_single_inputs_are_refused(tmp_path):
         combine([seed_results(tmp_path, 0)], tmp_path / "out")
 
 
-@pytest.mark.parametrize("key", ["tokenizer_weights_sha256", "feature_network_sha256", "feature_network"])
+@pytest.mark.parametrize("key", ["tokenizer_weights_sha256", "feature_network_sha256"])
 def test_seeds_on_another_tokenizer_or_evaluator_are_refused(tmp_path, key):
     # the same stage trained on another CPU type: another tokenizer, another evaluator, another FID scale
     shared = {"tokenizer_weights_sha256": "aa", "feature_network_sha256": "bb", "feature_network": "cnn, acc 0.973"}
@@ -101,4 +101,22 @@ def test_an_older_file_without_digests_is_compared_on_what_both_record(tmp_path)
     old = seed_results(tmp_path, 0, shared=described)
     new = seed_results(tmp_path, 1, shared={**described, "tokenizer_weights_sha256": "aa"})
     combine([old, new], tmp_path / "out")
+    assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_without_both_digests_the_evaluator_is_compared_on_its_description(tmp_path):
+    old = seed_results(tmp_path, 0, shared={"feature_network": "cnn, cached classifier-digits-16px-d99e.safetensors"})
+    new = seed_results(tmp_path, 1, shared={"feature_network": "cnn, cached classifier-digits-16px-3d55.safetensors",
+                                            "feature_network_sha256": "bb"})
+    with pytest.raises(ValueError, match=f"{new}: its feature network \\(feature_network\\) is not that of {old}"):
+        combine([old, new], tmp_path / "out")
+
+
+def test_one_evaluator_digest_pools_seeds_whose_descriptions_name_other_cache_files(tmp_path):
+    # the folder rebuilt between two seeds: new file times, a new cache file name, the same classifier weights
+    first = seed_results(tmp_path, 0, shared={"feature_network": "cnn, cached classifier-digits-16px-d99e.safetensors",
+                                              "feature_network_sha256": "bb", "tokenizer_weights_sha256": "aa"})
+    second = seed_results(tmp_path, 1, shared={"feature_network": "cnn, cached classifier-digits-16px-3d55.safetensors",
+                                               "feature_network_sha256": "bb", "tokenizer_weights_sha256": "aa"})
+    combine([first, second], tmp_path / "out")
     assert (tmp_path / "out" / "summary.json").is_file()
