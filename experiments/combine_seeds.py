@@ -45,17 +45,15 @@ def read_results(path: Path) -> list[dict]:
 # description stands in for the evaluator's digest only in older files without one: it names the classifier's cache
 # file, whose key holds the image files' modification times, so a rebuilt folder renames the same weights.
 SHARED = {"tokenizer_weights_sha256": "tokenizer", "feature_network_sha256": "feature network"}
-DESCRIBED = {"feature_network": ("feature network", "feature_network_sha256")}
 
 
 def _differs(row: dict, first: dict) -> tuple[str, str] | None:
-    """The first key of SHARED or DESCRIBED on which the two rows' records differ, with what it names."""
-    for key, what in SHARED.items():
+    """The first record the two rows hold and disagree on (its key, what it names)."""
+    keys = dict(SHARED)
+    if not ("feature_network_sha256" in row and "feature_network_sha256" in first):
+        keys["feature_network"] = "feature network"  # an older file: the description stands in for the digest
+    for key, what in keys.items():
         if key in row and key in first and row[key] != first[key]:
-            return key, what
-    for key, (what, digest) in DESCRIBED.items():
-        has_digests = digest in row and digest in first
-        if not has_digests and key in row and key in first and row[key] != first[key]:
             return key, what
     return None
 
