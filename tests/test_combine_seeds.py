@@ -2,6 +2,7 @@
 by name before anything is written."""
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,14 @@ def test_one_evaluator_digest_pools_seeds_whose_descriptions_name_other_cache_fi
                                                "feature_network_sha256": "bb", "tokenizer_weights_sha256": "aa"})
     combine([first, second], tmp_path / "out")
     assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_the_committed_digits_seeds_pool_as_docs_say(tmp_path):
+    # docs/unseen_folders.md pools the three Xeon seeds and refuses the EPYC one (another tokenizer and evaluator)
+    data = Path(__file__).resolve().parents[1] / "docs" / "data"
+    xeon = [data / f"digits-s{seed}-xeon-results.json" for seed in (0, 1, 2)]
+    combine(xeon, tmp_path / "xeon")
+    summary = json.loads((tmp_path / "xeon" / "summary.json").read_text())
+    assert len(summary["gft-beta0.667"]["fid"]["values"]) == 3
+    with pytest.raises(ValueError, match="cannot be pooled"):
+        combine([xeon[0], data / "digits-s1-epyc-results.json"], tmp_path / "mixed")
